@@ -1,0 +1,39 @@
+"""The one seam to megatron-core: every ``megatron.core`` import of dist_lora goes through here.
+
+Keeping the imports in one module pins the surface we depend on (megatron-core 0.16.x; newer
+releases are allowed) and makes a version change a one-file review.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+with warnings.catch_warnings():
+    # megatron-core announces at import that it falls back to torch without apex / Transformer
+    # Engine; that fallback is what dist_lora uses on purpose.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        model_parallel_cuda_manual_seed,
+    )
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+__all__ = [
+    "ColumnParallelLinear",
+    "GPTModel",
+    "RowParallelLinear",
+    "TransformerBlockSubmodules",
+    "TransformerConfig",
+    "VocabParallelEmbedding",
+    "get_forward_backward_func",
+    "get_gpt_layer_local_spec",
+    "model_parallel_cuda_manual_seed",
+    "parallel_state",
+]

@@ -1,0 +1,141 @@
+"""Megatron-Core without CUDA: the four CUDA assumptions of megatron-core and how we meet them.
+
+megatron-core 0.16 runs tensor, sequence, pipeline and data parallelism correctly on CPU with
+the gloo backend once four assumptions are handled. Everything here is a no-op when CUDA is
+available (``install()`` returns at once and ``cpu_device_mode()`` is a null context).
+
+1. CUDA is the allocation device: ``torch.cuda.current_device()`` in the tensor-parallel
+   mappings (all-gather / reduce-scatter buffers) and ``GlobalMemoryBuffer``, and
+   ``device="cuda"`` in the causal / sliding-window attention masks of the softmax.
+   -> ``install()`` makes ``current_device()`` return the CPU device and gives the softmax
+   mask builders with the same semantics that allocate on the CPU.
+2. Attention always enters ``get_cuda_rng_tracker().fork()`` and
+   ``model_parallel_cuda_manual_seed`` reads ``torch.cuda.get_rng_state()``.
+   -> ``install()`` puts a ``CpuRNGStatesTracker`` in place whose states are CPU generator
+   states, and ``seed_model_parallel`` seeds it the way Megatron seeds its CUDA tracker
+   (data-parallel seed, tensor-parallel seed ``seed + 2718 + tp_rank``, expert seed).
+3. ``WrappedTorchNorm`` refuses ``sequence_parallel``. That is not specific to CPU (a GPU
+   without apex or Transformer Engine has the same problem), so the replacement lives with the
+   model builder: :class:`dist_lora.models.norm.TorchNorm`.
+4. The pipeline schedules contain ``device="cuda"`` literals and ``torch.cuda.synchronize()``.
+   -> ``cpu_device_mode()`` is a ``TorchFunctionMode`` that maps CUDA devices to the CPU for
+   the duration of a schedule, and the model config sets ``batch_p2p_sync=False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_installed = False
+
+
+def cuda_present() -> bool:
+    return torch.cuda.is_available()
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites ``device=cuda...`` (and ``Tensor.cuda()``) to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def cpu_device_mode() -> contextlib.AbstractContextManager:
+    """Context in which CUDA device requests land on the CPU (null context with CUDA)."""
+    return contextlib.nullcontext() if cuda_present() else _CudaToCpu()
+
+
+def _megatron_random():
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    return mpu_random
+
+
+def _make_tracker_class():
+    mpu_random = _megatron_random()
+
+    class CpuRNGStatesTracker(mpu_random.CudaRNGStatesTracker):
+        """Megatron's RNG tracker with CPU generator states instead of CUDA ones."""
+
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise ValueError(f"seed {seed} already exists")
+            if name in self.states_:
+                raise ValueError(f"rng state {name} already exists")
+            self._is_initialized = True
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mpu_random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
+            if name not in self.states_:
+                raise KeyError(f"rng state {name} is not added")
+            outer = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+
+    return CpuRNGStatesTracker
+
+
+def _causal_mask(sq: int) -> torch.Tensor:
+    """True above the diagonal: key j is hidden from query i when j > i."""
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _sliding_window_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+    """True where key j is outside ``[i - window_size[0], i + window_size[1]]`` (end-aligned)."""
+    keep = torch.ones(sq, skv, dtype=torch.bool)
+    keep = torch.triu(keep, diagonal=skv - sq - window_size[0])
+    keep = torch.tril(keep, diagonal=skv - sq + window_size[1])
+    return ~keep
+
+
+def install() -> None:
+    """Make megatron-core usable without CUDA (idempotent; does nothing with CUDA)."""
+    global _installed
+    if _installed or cuda_present():
+        return
+    torch.cuda.current_device = lambda: torch.device("cpu")  # assumption 1
+    from megatron.core.fusions import fused_softmax
+
+    fused_softmax.get_default_causal_mask = _causal_mask
+    fused_softmax.get_sliding_window_causal_mask = _sliding_window_mask
+    mpu_random = _megatron_random()
+    mpu_random._CUDA_RNG_STATE_TRACKER = _make_tracker_class()()  # assumption 2
+    mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _installed = True
+
+
+def seed_model_parallel(seed: int, tp_rank: int, ep_rank: int = 0, etp_rank: int = 0) -> None:
+    """CPU counterpart of ``model_parallel_cuda_manual_seed`` (same seeds, same state names)."""
+    install()
+    mpu_random = _megatron_random()
+    tracker = mpu_random.get_cuda_rng_tracker()
+    tracker.reset()
+    torch.manual_seed(seed)
+    tracker.add(mpu_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mpu_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mpu_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + etp_rank)

@@ -1,0 +1,81 @@
+"""Build an (empty) Megatron-Core ``GPTModel`` for this rank's TP shard and PP stage."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dist_lora.integrations.megatron import (
+    GPTModel,
+    TransformerBlockSubmodules,
+    TransformerConfig,
+    get_gpt_layer_local_spec,
+)
+from dist_lora.models.norm import TorchNorm
+from dist_lora.models.spec import ModelSpec
+from dist_lora.parallel import ParallelGroups
+
+
+def transformer_config(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dtype) -> TransformerConfig:
+    """Megatron ``TransformerConfig`` equivalent to the HF config (dropout off, no fusions)."""
+    window = None if spec.sliding_window is None else (spec.sliding_window - 1, 0)
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_heads,
+        num_query_groups=spec.num_kv_heads,
+        kv_channels=spec.head_dim,
+        tensor_model_parallel_size=groups.tp_size,
+        pipeline_model_parallel_size=groups.pp_size,
+        sequence_parallel=groups.sequence_parallel,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=spec.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        attention_softmax_in_fp32=True,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        batch_p2p_comm=False,
+        batch_p2p_sync=False,
+        window_size=window,
+    )
+
+
+def build_gpt(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dtype) -> GPTModel:
+    """A ``GPTModel`` with this stage's layers; weights are uninitialised until loaded."""
+    config = transformer_config(spec, groups, dtype)
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules.input_layernorm = TorchNorm
+    layer.submodules.pre_mlp_layernorm = TorchNorm
+    stage_layers = len(spec.layers_of_stage(groups.pp_rank, groups.pp_size))
+    block = TransformerBlockSubmodules(layer_specs=[layer] * stage_layers, layer_norm=TorchNorm)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block,
+        vocab_size=spec.padded_vocab(groups.tp_size),
+        max_sequence_length=spec.max_positions,
+        pre_process=groups.is_first_stage,
+        post_process=groups.is_last_stage,
+        share_embeddings_and_output_weights=spec.tied_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else spec.rope_theta,
+        rope_scaling=spec.rope_llama3_factor is not None,
+        rope_scaling_factor=spec.rope_llama3_factor or 8.0,
+        parallel_output=True,
+    )
+    return model

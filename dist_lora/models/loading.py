@@ -1,0 +1,80 @@
+"""``from_pretrained``: a Hugging Face checkpoint streamed into this rank's Megatron shard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dist_lora.models.build import build_gpt
+from dist_lora.models.hf_checkpoint import HFCheckpoint
+from dist_lora.models.layouts import read_local
+from dist_lora.models.mapping import bind, check_coverage
+from dist_lora.models.spec import ModelSpec, read_spec
+from dist_lora.parallel import ParallelGroups, current_groups
+from dist_lora.parallel.collectives import raise_if_any
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What dist_lora keeps about a loaded model (``model.dist_lora``)."""
+
+    spec: ModelSpec
+    groups: ParallelGroups
+    dtype: torch.dtype
+    source: str
+    bytes_read: int = 0
+
+
+def model_info(model: torch.nn.Module) -> ModelInfo:
+    info = getattr(model, "dist_lora", None)
+    if not isinstance(info, ModelInfo):
+        raise TypeError("this model was not built by dist_lora.models.from_pretrained")
+    return info
+
+
+def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32,
+                    groups: ParallelGroups | None = None) -> torch.nn.Module:
+    """Build this rank's Megatron-Core ``GPTModel`` shard from an HF model directory.
+
+    Each rank reads only the slices of the safetensors files that its TP rank and PP stage own
+    (``model.dist_lora.bytes_read`` says how many bytes). Any bad input (missing or truncated
+    file, unsupported architecture, a TP size that does not divide the heads, KV heads or FFN
+    size, more stages than layers) raises the same error on every rank.
+    """
+    groups = groups or current_groups()
+    spec = ckpt = None
+    error = None
+    try:
+        spec = read_spec(path)
+        spec.check_layout(groups.tp_size, groups.pp_size)
+        ckpt = HFCheckpoint(path)
+    except (OSError, ValueError, KeyError) as err:
+        error = err
+    raise_if_any(error, what=f"loading {path}")
+
+    model = build_gpt(spec, groups, dtype)
+    params = dict(model.named_parameters())
+    error = None
+    try:
+        bound = bind(spec, params, groups.pp_rank, groups.pp_size)
+        check_coverage(bound, params)
+        with torch.no_grad():
+            for item in bound:
+                shard = read_local(item.layout, ckpt, item.hf_names, spec, groups.tp_size, groups.tp_rank)
+                target = params[item.local_name]
+                if tuple(shard.shape) != tuple(target.shape):
+                    shapes = {n: ckpt.shape(n) for n in item.hf_names}
+                    raise ValueError(
+                        f"checkpoint tensors {shapes} do not fit {item.local_name} of shape "
+                        f"{tuple(target.shape)} on TP rank {groups.tp_rank}: the weights do not "
+                        f"match config.json"
+                    )
+                target.copy_(shard)
+    except (OSError, ValueError, KeyError) as err:
+        error = err
+    raise_if_any(error, what=f"loading {path}")
+    model.dist_lora = ModelInfo(spec, groups, dtype, str(path), ckpt.bytes_read)
+    ckpt.close()
+    return model

@@ -1,0 +1,309 @@
+"""Every collective dist_lora runs, in one module.
+
+Two kinds live here:
+
+* Differentiable collectives, each a ``torch.autograd.Function`` whose backward is the
+  conjugate of its forward (as in Megatron-Core's ``tensor_parallel/mappings.py``), with a
+  snake_case wrapper that takes the process group explicitly:
+
+  ============================  ===============================  ==============================
+  wrapper                       forward                          backward
+  ============================  ===============================  ==============================
+  ``copy_to_group``             identity                         all-reduce (sum)
+  ``reduce_from_group``         all-reduce (sum)                 identity
+  ``gather_last_dim``           all-gather along the last dim    keep own slice
+  ``split_last_dim``            keep own slice of last dim       all-gather along the last dim
+  ``gather_first_dim``          all-gather along dim 0           reduce-scatter along dim 0
+  ``reduce_scatter_first_dim``  reduce-scatter along dim 0       all-gather along dim 0
+  ``split_first_dim``           keep own slice of dim 0          all-gather along dim 0
+  ============================  ===============================  ==============================
+
+* Plain (non-differentiable) helpers for control flow: agreeing on errors so that no rank is
+  left waiting in a collective, broadcasting objects, gathering a shard to one rank.
+
+A ``group`` of ``None`` means the default (world) group. With one rank in the group every
+function is the identity and no communication happens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+Group = Any  # torch.distributed.ProcessGroup | None
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def group_size(group: Group = None) -> int:
+    return dist.get_world_size(group) if is_initialized() else 1
+
+
+def group_rank(group: Group = None) -> int:
+    return dist.get_rank(group) if is_initialized() else 0
+
+
+def global_rank(group: Group, group_rank_: int) -> int:
+    """Global rank of ``group_rank_`` inside ``group``."""
+    if not is_initialized():
+        return 0
+    return dist.get_global_rank(group, group_rank_) if group is not None else group_rank_
+
+
+# ----------------------------------------------------------------------------------------
+# raw tensor collectives (no autograd)
+# ----------------------------------------------------------------------------------------
+
+
+def all_reduce_(tensor: torch.Tensor, group: Group = None, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce; ``op`` is ``sum``, ``max`` or ``min``."""
+    if group_size(group) > 1:
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(tensor, op=ops[op], group=group)
+    return tensor
+
+
+def _all_gather_dim(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    world = group_size(group)
+    if world == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _split_dim(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
+    world = group_size(group)
+    if world == 1:
+        return x
+    if x.size(dim) % world:
+        raise ValueError(f"dimension {dim} of size {x.size(dim)} does not split over {world} ranks")
+    return x.chunk(world, dim=dim)[group_rank(group)].contiguous()
+
+
+def _reduce_scatter_first(x: torch.Tensor, group: Group) -> torch.Tensor:
+    world = group_size(group)
+    if world == 1:
+        return x
+    if x.size(0) % world:
+        raise ValueError(f"dimension 0 of size {x.size(0)} does not split over {world} ranks")
+    out = torch.empty((x.size(0) // world, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+def broadcast_(tensor: torch.Tensor, src_group_rank: int, group: Group = None) -> torch.Tensor:
+    """In-place broadcast from ``src_group_rank`` (a rank *within* ``group``)."""
+    if group_size(group) > 1:
+        dist.broadcast(tensor, src=global_rank(group, src_group_rank), group=group)
+    return tensor
+
+
+def gather_to(x: torch.Tensor, dst_group_rank: int, group: Group = None) -> list[torch.Tensor] | None:
+    """Gather equally shaped tensors to one rank; returns the list there and ``None`` elsewhere."""
+    world = group_size(group)
+    if world == 1:
+        return [x]
+    x = x.contiguous()
+    me = group_rank(group)
+    parts = [torch.empty_like(x) for _ in range(world)] if me == dst_group_rank else None
+    dist.gather(x, parts, dst=global_rank(group, dst_group_rank), group=group)
+    return parts
+
+
+def barrier(group: Group = None) -> None:
+    if group_size(group) > 1:
+        dist.barrier(group=group)
+
+
+# ----------------------------------------------------------------------------------------
+# differentiable collectives
+# ----------------------------------------------------------------------------------------
+
+
+class _CopyToGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_(grad.contiguous().clone(), ctx.group), None
+
+
+class _ReduceFromGroup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce_(x.contiguous().clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherLastDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_dim(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split_dim(grad, -1, ctx.group), None
+
+
+class _SplitLastDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_dim(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_dim(grad, -1, ctx.group), None
+
+
+class _GatherFirstDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_dim(x, 0, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_first(grad, ctx.group), None
+
+
+class _ReduceScatterFirstDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_first(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_dim(grad, 0, ctx.group), None
+
+
+class _SplitFirstDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split_dim(x, 0, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_dim(grad, 0, ctx.group), None
+
+
+def copy_to_group(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Identity forward; all-reduce of the gradient (enter a tensor-parallel region)."""
+    return _CopyToGroup.apply(x, group) if group_size(group) > 1 else x
+
+
+def reduce_from_group(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """All-reduce (sum) forward; identity backward (leave a row-parallel region)."""
+    return _ReduceFromGroup.apply(x, group) if group_size(group) > 1 else x
+
+
+def gather_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """[..., n/p] -> [..., n] forward; backward keeps this rank's slice."""
+    return _GatherLastDim.apply(x, group) if group_size(group) > 1 else x
+
+
+def split_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """[..., n] -> [..., n/p] forward; backward all-gathers."""
+    return _SplitLastDim.apply(x, group) if group_size(group) > 1 else x
+
+
+def gather_first_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """[s/p, ...] -> [s, ...] forward (sequence parallel); backward reduce-scatters."""
+    return _GatherFirstDim.apply(x, group) if group_size(group) > 1 else x
+
+
+def reduce_scatter_first_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """[s, ...] partial sums -> [s/p, ...] reduced forward; backward all-gathers."""
+    return _ReduceScatterFirstDim.apply(x, group) if group_size(group) > 1 else x
+
+
+def split_first_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """[s, ...] -> [s/p, ...] forward; backward all-gathers."""
+    return _SplitFirstDim.apply(x, group) if group_size(group) > 1 else x
+
+
+# ----------------------------------------------------------------------------------------
+# objects and agreement
+# ----------------------------------------------------------------------------------------
+
+
+def all_gather_object(obj: Any, group: Group = None) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in group-rank order, on every rank."""
+    world = group_size(group)
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj: Any, src_group_rank: int = 0, group: Group = None) -> Any:
+    """``obj`` of ``src_group_rank`` on every rank."""
+    if group_size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=global_rank(group, src_group_rank), group=group)
+    return box[0]
+
+
+class RankError(RuntimeError):
+    """An error that happened on one or more ranks, raised on all of them."""
+
+
+def raise_if_any(error: BaseException | None, group: Group = None, what: str = "") -> None:
+    """Collective: raise on every rank if any rank passed an error.
+
+    Each rank calls this with the exception it caught (or ``None``). If any rank failed, every
+    rank raises a ``RankError`` that names the failing ranks and their messages, so that no
+    rank goes on to a collective the others will never enter.
+    """
+    if group_size(group) == 1:
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
+    all_reduce_(flag, group, "max")
+    if not int(flag.item()):
+        return
+    messages = all_gather_object(None if error is None else f"{type(error).__name__}: {error}", group)
+    lines = [f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None]
+    prefix = f"{what} failed" if what else "failed"
+    raise RankError(f"{prefix} on {len(lines)} rank(s):\n  " + "\n  ".join(lines)) from error
+
+
+def digest(obj: Any) -> str:
+    """A short stable hash of a picklable object (for cross-rank consistency checks)."""
+    return hashlib.sha256(pickle.dumps(obj, protocol=4)).hexdigest()[:16]
+
+
+def check_same_on_all_ranks(obj: Any, group: Group = None, what: str = "value") -> None:
+    """Collective: raise on every rank if ``obj`` differs between ranks of ``group``."""
+    digests = all_gather_object(digest(obj), group)
+    if len(set(digests)) > 1:
+        differing = [r for r, d in enumerate(digests) if d != digests[0]]
+        raise RankError(f"{what} differs between ranks: ranks {differing} disagree with rank 0")
+
+
+def all_equal_tensors(tensors: Sequence[torch.Tensor], group: Group = None) -> list[bool]:
+    """Collective: for each tensor, whether its bytes are identical on every rank of ``group``."""
+    hashes = [hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+              for t in tensors]
+    everyone = all_gather_object(hashes, group)
+    return [len({h[i] for h in everyone}) == 1 for i in range(len(tensors))]

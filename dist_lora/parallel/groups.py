@@ -1,0 +1,48 @@
+"""``ParallelGroups``: the process groups of one layout, resolved once and passed explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """Ranks and process groups of one tensor x pipeline x data parallel layout.
+
+    Global ranks are laid out as Megatron-Core does (order ``tp-cp-ep-dp-pp``): tensor-parallel
+    ranks are adjacent, pipeline stages are furthest apart. ``None`` groups mean "the default
+    group" only when the corresponding size is 1 and no communication is needed.
+    """
+
+    rank: int
+    world_size: int
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    sequence_parallel: bool
+    backend: str
+    launcher: str
+    seed: int
+    tp_group: Any = field(repr=False, compare=False, default=None)
+    pp_group: Any = field(repr=False, compare=False, default=None)
+    dp_group: Any = field(repr=False, compare=False, default=None)
+    model_parallel_group: Any = field(repr=False, compare=False, default=None)
+    embedding_group: Any = field(repr=False, compare=False, default=None)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def layout(self) -> str:
+        """Short name of the layout, e.g. ``tp2-pp1-dp2-sp``."""
+        sp = "-sp" if self.sequence_parallel else ""
+        return f"tp{self.tp_size}-pp{self.pp_size}-dp{self.dp_size}{sp}"
