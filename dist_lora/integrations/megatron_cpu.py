@@ -17,9 +17,12 @@ available (``install()`` returns at once and ``cpu_device_mode()`` is a null con
 3. ``WrappedTorchNorm`` refuses ``sequence_parallel``. That is not specific to CPU (a GPU
    without apex or Transformer Engine has the same problem), so the replacement lives with the
    model builder: :class:`dist_lora.models.norm.TorchNorm`.
-4. The pipeline schedules contain ``device="cuda"`` literals and ``torch.cuda.synchronize()``.
+4. The pipeline schedules contain ``device="cuda"`` literals and ``torch.cuda.synchronize()``,
+   and a last pipeline stage with tied embeddings moves its weight with ``.cuda()`` while the
+   model is built.
    -> ``cpu_device_mode()`` is a ``TorchFunctionMode`` that maps CUDA devices to the CPU for
-   the duration of a schedule, and the model config sets ``batch_p2p_sync=False``.
+   the duration of a schedule or a model construction, and the model config sets
+   ``batch_p2p_sync=False``.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from dist_lora.integrations.megatron import (
     TransformerConfig,
     get_gpt_layer_local_spec,
 )
+from dist_lora.integrations.megatron_cpu import cpu_device_mode
 from dist_lora.models.norm import TorchNorm
 from dist_lora.models.spec import ModelSpec
 from dist_lora.parallel import ParallelGroups
@@ -64,18 +65,20 @@ def build_gpt(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dtype) -> GP
     layer.submodules.pre_mlp_layernorm = TorchNorm
     stage_layers = len(spec.layers_of_stage(groups.pp_rank, groups.pp_size))
     block = TransformerBlockSubmodules(layer_specs=[layer] * stage_layers, layer_norm=TorchNorm)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=block,
-        vocab_size=spec.padded_vocab(groups.tp_size),
-        max_sequence_length=spec.max_positions,
-        pre_process=groups.is_first_stage,
-        post_process=groups.is_last_stage,
-        share_embeddings_and_output_weights=spec.tied_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else spec.rope_theta,
-        rope_scaling=spec.rope_llama3_factor is not None,
-        rope_scaling_factor=spec.rope_llama3_factor or 8.0,
-        parallel_output=True,
-    )
+    # Tied embeddings on a PP > 1 last stage are synchronised at construction via ``.cuda()``.
+    with cpu_device_mode():
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=block,
+            vocab_size=spec.padded_vocab(groups.tp_size),
+            max_sequence_length=spec.max_positions,
+            pre_process=groups.is_first_stage,
+            post_process=groups.is_last_stage,
+            share_embeddings_and_output_weights=spec.tied_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else spec.rope_theta,
+            rope_scaling=spec.rope_llama3_factor is not None,
+            rope_scaling_factor=spec.rope_llama3_factor or 8.0,
+            parallel_output=True,
+        )
     return model

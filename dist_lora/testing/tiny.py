@@ -1,0 +1,50 @@
+"""Tiny Hugging Face models with random weights, built offline, for tests, demos and benchmarks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Small configs of each supported family. The Llama vocabulary (101) is prime, so no TP size
+# divides it; Mistral uses a sliding window shorter than the test sequences; Qwen2 has q/k/v
+# biases and tied embeddings.
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=101, hidden_size=64,
+                  intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                  max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=5000.0, tie_word_embeddings=False),
+    "mistral": dict(model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=128, hidden_size=64,
+                    intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                    max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0, sliding_window=5,
+                    tie_word_embeddings=False),
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=96, hidden_size=64,
+                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                  max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+                  use_sliding_window=False),
+}
+
+
+def hf_model(config: dict, seed: int = 0, std: float = 0.1):
+    """An HF causal LM from a config dict, every parameter drawn from N(0, std^2) with ``seed``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**config)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, std)
+    return model.eval()
+
+
+def save_tiny(config: dict | str | Path, out_dir: str | Path, seed: int = 0,
+              max_shard_size: str | None = None):
+    """Build an HF model (config dict or JSON path) and save it to ``out_dir``; return it."""
+    if not isinstance(config, dict):
+        config = json.loads(Path(config).read_text())
+    model = hf_model(config, seed)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(out_dir), **kwargs)
+    return model
