@@ -118,6 +118,16 @@ def gather_to(x: torch.Tensor, dst_group_rank: int, group: Group = None) -> list
     return parts
 
 
+def all_gather_tensors(x: torch.Tensor, group: Group = None) -> list[torch.Tensor]:
+    """Every rank's equally shaped ``x``, in group-rank order, on every rank (no autograd)."""
+    if group_size(group) == 1:
+        return [x]
+    x = x.detach().contiguous()
+    parts = [torch.empty_like(x) for _ in range(group_size(group))]
+    dist.all_gather(parts, x, group=group)
+    return parts
+
+
 def barrier(group: Group = None) -> None:
     if group_size(group) > 1:
         dist.barrier(group=group)

@@ -1,0 +1,73 @@
+"""Base-layer types -> (wrapper class, ``BaseShard``): one ordered first-match list.
+
+Megatron-Core types come first (they are not ``nn.Linear`` subclasses, but a future one might
+be); plain ``torch.nn`` layers are unsharded (TP = 1).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from dist_lora.layers.embedding import LoraEmbedding
+from dist_lora.layers.linear import LoraLinear
+from dist_lora.layers.sharding import BaseShard
+from dist_lora.parallel.collectives import group_rank, group_size
+
+
+def _megatron_types():
+    from dist_lora.integrations.megatron import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+    return ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+
+def _column(layer, vocab_size):
+    if layer.gather_output:
+        raise ValueError("LoRA on a ColumnParallelLinear with gather_output=True is not supported")
+    g = layer.tp_group
+    return BaseShard("column", g, group_size(g), group_rank(g), layer.input_size, layer.output_size,
+                     sequence_parallel=layer.sequence_parallel, megatron=True)
+
+
+def _row(layer, vocab_size):
+    g = layer.tp_group
+    return BaseShard("row", g, group_size(g), group_rank(g), layer.input_size, layer.output_size,
+                     sequence_parallel=layer.sequence_parallel, megatron=True,
+                     input_is_parallel=layer.input_is_parallel)
+
+
+def _vocab(layer, vocab_size):
+    g = layer.tp_group
+    return BaseShard("embedding", g, group_size(g), group_rank(g), vocab_size or layer.num_embeddings,
+                     layer.embedding_dim, sequence_parallel=layer.reduce_scatter_embeddings, megatron=True,
+                     vocab_start=layer.vocab_start_index, padded_vocab=layer.num_embeddings)
+
+
+def _linear(layer, vocab_size):
+    return BaseShard("column", None, 1, 0, layer.in_features, layer.out_features)
+
+
+def _embedding(layer, vocab_size):
+    return BaseShard("embedding", None, 1, 0, layer.num_embeddings, layer.embedding_dim,
+                     padded_vocab=layer.num_embeddings)
+
+
+def _dispatch_table() -> list[tuple[type, type, Callable]]:
+    column, row, vocab = _megatron_types()
+    return [
+        (column, LoraLinear, _column),
+        (row, LoraLinear, _row),
+        (vocab, LoraEmbedding, _vocab),
+        (nn.Linear, LoraLinear, _linear),
+        (nn.Embedding, LoraEmbedding, _embedding),
+    ]
+
+
+def describe(layer: nn.Module, vocab_size: int | None = None) -> tuple[type, BaseShard]:
+    """The wrapper class and shard description of ``layer`` (first match wins)."""
+    for base_type, wrapper, make in _dispatch_table():
+        if isinstance(layer, base_type):
+            return wrapper, make(layer, vocab_size)
+    supported = ", ".join(t.__name__ for t, _, _ in _dispatch_table())
+    raise TypeError(f"cannot adapt a {type(layer).__name__}; supported layer types: {supported}")

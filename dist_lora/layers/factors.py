@@ -1,0 +1,74 @@
+"""``LoraFactors``: the trainable tensors of one adapter on one slot of one layer (local shards).
+
+============================  ==========================  ====================================
+tensor                        global shape                sharded like
+============================  ==========================  ====================================
+``lora_A``                    [r, in]                     ``BaseShard.a_layout`` (row: on in)
+``lora_B``                    [out_slot, r]               ``Slot.b_layout`` (column: on out)
+``lora_bias`` (lora_bias)     [out_slot]                  like ``lora_B`` rows
+``lora_magnitude_vector``     [out_slot]                  like ``lora_B`` rows (DoRA)
+============================  ==========================  ====================================
+
+For embeddings PEFT names the factors ``lora_embedding_A`` [r, vocab] and ``lora_embedding_B``
+[h, r]; they live in the same two attributes here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_lora.layers.sharding import BaseShard, FactorLayout
+from dist_lora.layers.slots import Slot
+
+
+class LoraFactors(nn.Module):
+    """Local shards of A, B (and lora bias, DoRA magnitude) plus the adapter's scalars."""
+
+    def __init__(self, shard: BaseShard, slot: Slot, r: int, alpha: float, scaling: float,
+                 dropout: float, lora_bias: bool, use_dora: bool, dtype: torch.dtype):
+        super().__init__()
+        self.slot, self.r, self.alpha, self.scaling, self.use_dora = slot, r, alpha, scaling, use_dora
+        self.a_layout = shard.a_layout
+        a_in = self.a_layout.local(torch.empty(0, shard.in_features, device="meta"), shard.tp, shard.rank).shape[1]
+        b_rows = slot.b_layout.local(torch.empty(slot.out_features, 0, device="meta"), shard.tp, shard.rank).shape[0]
+        self.lora_A = nn.Parameter(torch.zeros(r, a_in, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(b_rows, r, dtype=dtype))
+        self.lora_bias = nn.Parameter(torch.zeros(b_rows, dtype=dtype)) if lora_bias else None
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(b_rows, dtype=dtype)) if use_dora else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # DoRA: weight norm frozen at merge time, needed to unmerge exactly (as PEFT caches it).
+        self.merged_norm: torch.Tensor | None = None
+
+    def layouts(self) -> dict[str, FactorLayout]:
+        """Layout of each tensor attribute that is present."""
+        out = {"lora_A": self.a_layout, "lora_B": self.slot.b_layout}
+        if self.lora_bias is not None:
+            out["lora_bias"] = self.slot.b_layout  # rows of B; dim 0 is the only dim
+        if self.lora_magnitude_vector is not None:
+            out["lora_magnitude_vector"] = self.slot.b_layout
+        return out
+
+    def global_shapes(self, shard: BaseShard) -> dict[str, tuple[int, ...]]:
+        shapes = {"lora_A": (self.r, shard.in_features), "lora_B": (self.slot.out_features, self.r)}
+        if self.lora_bias is not None:
+            shapes["lora_bias"] = (self.slot.out_features,)
+        if self.lora_magnitude_vector is not None:
+            shapes["lora_magnitude_vector"] = (self.slot.out_features,)
+        return shapes
+
+    @torch.no_grad()
+    def load_global(self, tensors: dict[str, torch.Tensor], shard: BaseShard) -> None:
+        """Copy this rank's shard of each given global tensor into place (shapes checked)."""
+        shapes = self.global_shapes(shard)
+        layouts = self.layouts()
+        for name, full in tensors.items():
+            if name not in shapes:
+                raise KeyError(f"{name} is not a tensor of this adapter (has {sorted(shapes)})")
+            if tuple(full.shape) != shapes[name]:
+                raise ValueError(f"{name}: expected global shape {shapes[name]}, got {tuple(full.shape)}")
+            getattr(self, name).copy_(layouts[name].local(full, shard.tp, shard.rank))
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` on this rank's shard: [rows_local, in_local] (no collective)."""
+        return self.scaling * (self.lora_B @ self.lora_A)

@@ -1,0 +1,134 @@
+"""Adapter management, named as in PEFT: switch, disable, delete, merge, unload.
+
+Every function is called on all ranks of the job with the same arguments (they change only
+local shards; ``safe_merge`` and the DoRA row norms of row-parallel layers communicate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from dist_lora.apply import _set_module, refresh
+from dist_lora.parallel.collectives import raise_if_any
+from dist_lora.registry import adapter_layers, registry, require_adapter, saved_modules, wrappers
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return list(registry(model).active)
+
+
+def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
+    """Make ``adapter_name`` (or the list, whose outputs add up) the active adapter(s); only
+    active adapters are trainable."""
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    if not names:
+        raise ValueError("set_adapter needs at least one adapter name")
+    for name in names:
+        require_adapter(model, name)
+    registry(model).active = names
+    refresh(model)
+
+
+def disable_adapters(model: nn.Module) -> None:
+    registry(model).disabled = True
+    refresh(model)
+
+
+def enable_adapters(model: nn.Module) -> None:
+    registry(model).disabled = False
+    refresh(model)
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[None]:
+    """Context in which the model computes with its base weights only."""
+    before = registry(model).disabled
+    disable_adapters(model)
+    try:
+        yield
+    finally:
+        registry(model).disabled = before
+        refresh(model)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    require_adapter(model, adapter_name)
+    reg = registry(model)
+    for _, layer in list(wrappers(model)):
+        if adapter_name in layer.adapter_names():
+            layer.delete_adapter(adapter_name)
+    del reg.configs[adapter_name]
+    reg.active = [a for a in reg.active if a != adapter_name]
+    if not reg.active and reg.configs:
+        reg.active = [next(iter(reg.configs))]
+    refresh(model)
+
+
+def _names(model: nn.Module, adapter_names: list[str] | None) -> list[str]:
+    names = active_adapters(model) if adapter_names is None else list(adapter_names)
+    for name in names:
+        require_adapter(model, name)
+    return names
+
+
+def merge_adapter(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    """Fold adapters (default: the active ones) into the local base weight shards.
+
+    ``safe_merge`` first computes every merged shard without writing it; if any value on any
+    rank is not finite, every rank raises and no weight is changed.
+    """
+    names = _names(model, adapter_names)
+    if safe_merge:
+        bad = None
+        for module_name, layer in adapter_layers(model):
+            for name in names:
+                if name in layer.adapter_names() and name not in layer.merged_adapters:
+                    for factors, merged, _ in layer.merge_candidates(name):
+                        if not torch.isfinite(merged).all() and bad is None:
+                            bad = ValueError(f"merging adapter {name!r} into {module_name} gives non-finite "
+                                             f"weights; the adapter is broken")
+        raise_if_any(bad, what="safe merge")
+    for _, layer in adapter_layers(model):
+        for name in names:
+            if name in layer.adapter_names():
+                layer.merge(name)
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    """Take every merged adapter back out of the base weights."""
+    for _, layer in adapter_layers(model):
+        for name in list(reversed(layer.merged_adapters)):
+            layer.unmerge(name)
+
+
+def _unwrap(model: nn.Module, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
+    if merge:
+        merge_adapter(model, adapter_names, safe_merge)
+    active = registry(model).active
+    for name, layer in list(adapter_layers(model)):
+        _set_module(model, name, layer.base_layer)
+    for name, module in list(saved_modules(model)):
+        chosen = next((a for a in active if a in module.copies), None)
+        if merge and chosen is not None:
+            weight = module.base_layer.weight
+            if weight is None:
+                raise RuntimeError(f"{name} shares its weight with the embedding; cannot write its saved copy")
+            weight.data.copy_(module.copies[chosen].data)
+        _set_module(model, name, module.base_layer)
+    delattr(model, "dist_lora_adapters")
+    return model
+
+
+def merge_and_unload(model: nn.Module, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+    """Merge the active (or given) adapters and return the model with plain base layers."""
+    return _unwrap(model, True, safe_merge, adapter_names)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging; the base model comes back unchanged."""
+    unmerge_adapter(model)
+    return _unwrap(model, False, False, None)

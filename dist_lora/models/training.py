@@ -1,0 +1,108 @@
+"""Loss and gradients of a dist_lora Megatron model, for any TP / SP / PP / DP layout.
+
+``cross_entropy`` works on vocab-parallel logits [.., V/p] without gathering them: the max,
+the sum of exponentials and the target logit are reduced over TP with differentiable
+collectives, and the padding rows of the vocabulary are masked to -inf so they never count.
+``forward_backward`` runs micro-batches (through Megatron's pipeline schedule when PP > 1) and
+returns the loss on every rank; ``finalize_grads`` averages gradients over data-parallel ranks
+and sums the partial gradients of sequence-parallel parameters over TP.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_lora.integrations.megatron import get_forward_backward_func
+from dist_lora.integrations.megatron_cpu import cpu_device_mode
+from dist_lora.models.loading import model_info
+from dist_lora.parallel.collectives import all_reduce_, broadcast_, reduce_from_group
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, tp_group, tp_rank: int) -> torch.Tensor:
+    """Per-token loss [..] of vocab-parallel logits [.., V'/p] (rank ``tp_rank``'s slice)."""
+    logits = local_logits.float()
+    width = logits.shape[-1]
+    start = tp_rank * width
+    columns = torch.arange(start, start + width, device=logits.device)
+    logits = logits.masked_fill(columns >= vocab_size, float("-inf"))
+    peak = logits.detach().max(dim=-1, keepdim=True).values
+    all_reduce_(peak, tp_group, "max")
+    shifted = logits - peak
+    sum_exp = reduce_from_group(shifted.exp().sum(dim=-1), tp_group)
+    local_target = labels - start
+    mine = (local_target >= 0) & (local_target < width)
+    picked = shifted.gather(-1, local_target.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1)
+    target_logit = reduce_from_group(picked.masked_fill(~mine, 0.0), tp_group)
+    loss = sum_exp.log() - target_logit
+    return loss.masked_fill(labels == IGNORE_INDEX, 0.0)
+
+
+def _mean_loss(local_logits, labels, spec, groups) -> torch.Tensor:
+    per_token = cross_entropy(local_logits, labels, spec.vocab_size, groups.tp_group, groups.tp_rank)
+    count = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    return per_token.sum() / count
+
+
+def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_microbatches: int = 1,
+                     forward_only: bool = False) -> torch.Tensor:
+    """Mean token loss of the batch (mean over micro-batches of their token means), on every
+    rank; gradients are accumulated into ``.grad`` unless ``forward_only``.
+
+    ``input_ids`` and ``labels`` are [batch, seq] (labels already shifted; -100 is ignored);
+    the batch splits into ``num_microbatches`` equal micro-batches along dim 0.
+    """
+    info = model_info(model)
+    groups, spec = info.groups, info.spec
+    batch, seq = input_ids.shape
+    if batch % num_microbatches:
+        raise ValueError(f"batch size {batch} does not split into {num_microbatches} micro-batches")
+    if groups.sequence_parallel and seq % groups.tp_size:
+        raise ValueError(f"sequence length {seq} must be divisible by the TP size {groups.tp_size} with SP")
+    ids_mb, labels_mb = input_ids.chunk(num_microbatches), labels.chunk(num_microbatches)
+    positions = torch.arange(seq).unsqueeze(0).expand(batch // num_microbatches, -1)
+    if groups.pp_size == 1:
+        total = torch.zeros(())
+        for ids, lab in zip(ids_mb, labels_mb):
+            loss = _mean_loss(model(ids, positions, attention_mask=None), lab, spec, groups) / num_microbatches
+            if not forward_only:
+                loss.backward()
+            total += loss.detach()
+        return total
+    batches = iter(zip(ids_mb, labels_mb))
+    losses = []
+
+    def forward_step(_iterator, chunk):
+        ids, lab = next(batches)
+        out = chunk(ids, positions, attention_mask=None)
+
+        def loss_func(output):
+            loss = _mean_loss(output, lab, spec, groups)
+            losses.append(loss.detach())
+            return loss, {"loss": loss.detach()}
+
+        return out, loss_func
+
+    with cpu_device_mode():
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([None] * num_microbatches), model=[model],
+            num_microbatches=num_microbatches, seq_length=seq, micro_batch_size=batch // num_microbatches,
+            forward_only=forward_only)
+    total = torch.stack(losses).mean() if losses else torch.zeros(())
+    return broadcast_(total.clone(), groups.pp_size - 1, groups.pp_group)
+
+
+def finalize_grads(model) -> None:
+    """Average trainable gradients over data-parallel ranks; sum sequence-parallel partial
+    gradients (norm weights, row-parallel biases) over TP. Call after backward, before the step."""
+    info = model_info(model)
+    groups = info.groups
+    for param in model.parameters():
+        if not param.requires_grad or param.grad is None:
+            continue
+        if groups.sequence_parallel and getattr(param, "sequence_parallel", False):
+            all_reduce_(param.grad, groups.tp_group)
+        if groups.dp_size > 1:
+            all_reduce_(param.grad, groups.dp_group)
+            param.grad.div_(groups.dp_size)

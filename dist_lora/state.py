@@ -1,0 +1,223 @@
+"""Whole adapters in PEFT's key naming, in memory: gather from shards, or shard onto a layout.
+
+Keys are those of ``peft.get_peft_model_state_dict``:
+``base_model.model.<HF module>.lora_A.weight`` / ``.lora_B.weight`` / ``.lora_B.bias`` (lora_bias)
+/ ``.lora_magnitude_vector`` (DoRA), ``.lora_embedding_A`` / ``.lora_embedding_B`` (embeddings),
+``base_model.model.<HF module>.weight`` (modules_to_save) and trainable base biases
+(``bias="all"`` / ``"lora_only"``). A fused Megatron adapter appears as one adapter per projection
+sharing the same A; vocabulary padding is cut off.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dist_lora.layers.adapter_layer import AdapterLayer
+from dist_lora.layers.factors import LoraFactors
+from dist_lora.layers.sharding import FactorLayout
+from dist_lora.parallel.collectives import all_gather_object, all_gather_tensors, raise_if_any
+from dist_lora.registry import adapter_layers, require_adapter, saved_modules
+
+PREFIX = "base_model.model."
+_LINEAR_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_bias": "lora_B.bias",
+                "lora_magnitude_vector": "lora_magnitude_vector"}
+_EMBEDDING_KEYS = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+
+
+def _spec(model: nn.Module):
+    info = getattr(model, "dist_lora", None)
+    return info.spec if info is not None else None
+
+
+def _suffixes(layer: AdapterLayer) -> dict[str, str]:
+    return _EMBEDDING_KEYS if layer.shard.kind == "embedding" else _LINEAR_KEYS
+
+
+def _split_fused(fused: str | None, tensor: torch.Tensor, names: tuple[str, ...], spec, shared: bool):
+    """Per-HF-module tensors of a (possibly fused) slot tensor."""
+    if fused is None:
+        return {names[0]: tensor}
+    if shared:
+        return {n: tensor for n in names}
+    from dist_lora.models.layouts import unshard
+
+    return dict(zip(names, unshard(fused, [tensor], spec)))
+
+
+def _join_fused(fused: str | None, parts: dict[str, torch.Tensor], names: tuple[str, ...], spec, shared: bool):
+    if fused is None:
+        return parts[names[0]]
+    if shared:
+        first = parts[names[0]]
+        if any(not torch.equal(parts[n], first) for n in names[1:]):
+            raise ValueError(f"{', '.join(names)} have different lora_A; a fused adapter needs one A shared by "
+                             f"its projections (import them as per-projection adapters instead)")
+        return first
+    from dist_lora.models.layouts import read_local
+
+    class _Reader:
+        def shape(self, name):
+            return tuple(parts[name].shape)
+
+        def read(self, name, rows=None, cols=None):
+            t = parts[name]
+            return t[slice(*rows)] if rows else t
+
+    return read_local(fused, _Reader(), list(names), spec, 1, 0)
+
+
+def _gather(tensor: torch.Tensor, layout: FactorLayout, group) -> torch.Tensor:
+    return layout.gather(all_gather_tensors(tensor, group) if layout.dim is not None else [tensor.detach()])
+
+
+def _factor_entries(layer: AdapterLayer, factors: LoraFactors, spec, gradients: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    suffixes = _suffixes(layer)
+    for name, layout in factors.layouts().items():
+        param = getattr(factors, name)
+        value = param.grad if gradients else param
+        value = torch.zeros_like(param) if value is None else value
+        full = _gather(value, layout, layer.shard.tp_group)
+        slot = factors.slot
+        for hf, tensor in _split_fused(slot.fused, full, slot.hf_names, spec, shared=name == "lora_A").items():
+            out[f"{PREFIX}{hf}.{suffixes[name]}"] = tensor.clone()
+    return out
+
+
+def _bias_entries(model: nn.Module, adapter: str, gradients: bool) -> dict[str, torch.Tensor]:
+    """Trainable base biases (``bias="all"`` / ``"lora_only"``), as PEFT names them."""
+    mode = require_adapter(model, adapter).bias
+    if mode == "none":
+        return {}
+    out, spec = {}, _spec(model)
+    for name, layer in adapter_layers(model):
+        bias = getattr(layer.base_layer, "bias", None)
+        if bias is None:
+            continue
+        slots = layer.factors_of(adapter)
+        if mode == "lora_only" and not slots:
+            continue
+        layout = FactorLayout(dim=0) if layer.shard.kind == "column" else FactorLayout()
+        value = bias.grad if gradients else bias
+        full = _gather(torch.zeros_like(bias) if value is None else value, layout, layer.shard.tp_group)
+        whole = next(iter(layer.slots.values()))
+        fused = "qkv" if len(layer.slots) > 1 or whole.fused else None
+        hf_names = tuple(n for s in layer.slots.values() for n in s.hf_names) if fused else whole.hf_names
+        hf_names = tuple(dict.fromkeys(hf_names))
+        adapted = {n for s in slots.values() for n in s.slot.hf_names}
+        for hf, tensor in _split_fused(fused, full, hf_names, spec, shared=False).items():
+            if mode == "lora_only" and hf not in adapted:
+                continue
+            key = f"{PREFIX}{hf}.base_layer.bias" if hf in adapted else f"{PREFIX}{hf}.bias"
+            out[key] = tensor.clone()
+    return out
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default", gradients: bool = False) -> dict:
+    """The whole adapter ``adapter_name`` (or its gradients) in PEFT key naming, on every rank.
+
+    Collective over the whole job: TP shards are all-gathered, PP stages exchange their parts.
+    Memory: the full adapter on every rank (adapters are small; the base is never gathered).
+    """
+    require_adapter(model, adapter_name)
+    spec = _spec(model)
+    out: dict[str, torch.Tensor] = {}
+    for _, layer in adapter_layers(model):
+        for factors in layer.factors_of(adapter_name).values():
+            out.update(_factor_entries(layer, factors, spec, gradients))
+    for _, module in saved_modules(model):
+        if adapter_name in module.copies:
+            param = module.copies[adapter_name]
+            value = param.grad if gradients else param
+            full = _gather(torch.zeros_like(param) if value is None else value, module.layout, module.shard.tp_group)
+            hf = _hf_name_of(model, module)
+            out[f"{PREFIX}{hf}.weight"] = full.clone()
+    out.update(_bias_entries(model, adapter_name, gradients))
+    info = getattr(model, "dist_lora", None)
+    if info is not None and info.groups.pp_size > 1:
+        merged = {}
+        for part in all_gather_object(out, info.groups.pp_group):
+            merged.update(part)
+        out = merged
+    return dict(sorted(out.items()))
+
+
+def _load_biases(model: nn.Module, state: dict, spec) -> set[str]:
+    """Copy base biases present in ``state`` (``bias="all"`` / ``"lora_only"``) into their shards."""
+    used = set()
+    for _, layer in adapter_layers(model):
+        bias = getattr(layer.base_layer, "bias", None)
+        if bias is None:
+            continue
+        whole = next(iter(layer.slots.values()))
+        fused = "qkv" if len(layer.slots) > 1 or whole.fused else None
+        hf_names = tuple(dict.fromkeys(n for s in layer.slots.values() for n in s.hf_names)) if fused else whole.hf_names
+        keys = {}
+        for hf in hf_names:
+            for key in (f"{PREFIX}{hf}.base_layer.bias", f"{PREFIX}{hf}.bias"):
+                if key in state:
+                    keys[hf] = key
+        if not keys:
+            continue
+        parts = {hf: state[keys[hf]] if hf in keys else None for hf in hf_names}
+        local_full = _gather(bias, FactorLayout(dim=0) if layer.shard.kind == "column" else FactorLayout(),
+                             layer.shard.tp_group)
+        current = _split_fused(fused, local_full, hf_names, spec, shared=False)
+        parts = {hf: (p if p is not None else current[hf]) for hf, p in parts.items()}
+        full = _join_fused(fused, parts, hf_names, spec, shared=False)
+        layout = FactorLayout(dim=0) if layer.shard.kind == "column" else FactorLayout()
+        bias.data.copy_(layout.local(full.to(bias.dtype), layer.shard.tp, layer.shard.rank))
+        used.update(keys.values())
+    return used
+
+
+def _hf_name_of(model: nn.Module, module: nn.Module) -> str:
+    for name, candidate in saved_modules(model):
+        if candidate is module:
+            return "lm_head" if name == "output_layer" and hasattr(model, "dist_lora") else name
+    raise KeyError("module is not a modules_to_save wrapper of this model")
+
+
+def set_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
+    """Shard a whole adapter in PEFT key naming onto this model's layout (any TP / PP / DP).
+
+    The adapter must exist (``apply_lora`` with a matching config); every key must be used by
+    some rank and every tensor of the adapter must be given, else every rank raises. Base
+    embedding / lm_head weights that PEFT saves with embedding adapters (``*.base_layer.weight``)
+    are not adapter tensors and are ignored.
+    """
+    require_adapter(model, adapter_name)
+    spec, used, error = _spec(model), set(), None
+    try:
+        with torch.no_grad():
+            for _, layer in adapter_layers(model):
+                suffixes = _suffixes(layer)
+                for factors in layer.factors_of(adapter_name).values():
+                    slot, tensors = factors.slot, {}
+                    for name in factors.layouts():
+                        keys = [f"{PREFIX}{hf}.{suffixes[name]}" for hf in slot.hf_names]
+                        missing = [k for k in keys if k not in state]
+                        if missing:
+                            raise KeyError(f"the state dict lacks {missing[0]}")
+                        used.update(keys)
+                        parts = {hf: state[k] for hf, k in zip(slot.hf_names, keys)}
+                        tensors[name] = _join_fused(slot.fused, parts, slot.hf_names, spec, shared=name == "lora_A")
+                    factors.load_global({k: v.to(getattr(factors, k).dtype) for k, v in tensors.items()}, layer.shard)
+            for _, module in saved_modules(model):
+                if adapter_name in module.copies:
+                    key = f"{PREFIX}{_hf_name_of(model, module)}.weight"
+                    if key not in state:
+                        raise KeyError(f"the state dict lacks {key}")
+                    used.add(key)
+                    module.copies[adapter_name].copy_(module.layout.local(state[key], module.shard.tp, module.shard.rank))
+            used.update(_load_biases(model, state, spec))
+    except (KeyError, ValueError) as err:
+        error = err
+    raise_if_any(error, what=f"loading adapter {adapter_name!r}")
+    everyone = set().union(*all_gather_object(used))
+    # PEFT stores the base embedding / lm_head weights next to adapters that target them
+    # (``save_embedding_layers``); they are base weights, not part of the adapter.
+    unused = sorted(k for k in state if k not in everyone and not k.endswith(".base_layer.weight"))
+    if unused:
+        raise ValueError(f"the state dict has keys this model's adapter {adapter_name!r} does not use: {unused[:5]}")
