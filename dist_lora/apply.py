@@ -20,9 +20,9 @@ from dist_lora.layers.dora import row_norm
 from dist_lora.layers.factors import LoraFactors
 from dist_lora.layers.modules_to_save import ModulesToSave
 from dist_lora.layers.sharding import FactorLayout
-from dist_lora.parallel.collectives import check_same_on_all_ranks, raise_if_any
+from dist_lora.parallel.collectives import all_gather_object, check_same_on_all_ranks, raise_if_any
 from dist_lora.registry import adapter_layers, registry, saved_modules, wrappers
-from dist_lora.targets import Candidate, candidates, rank_and_alpha, select
+from dist_lora.targets import Candidate, candidates, leaf_names, rank_and_alpha, select
 
 _VALID_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -67,8 +67,6 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> tuple[list
     for wanted in config.modules_to_save or []:
         hits = [c for c in candidates(model) if c.slot.fused is None and c.slot.rows is None
                 and any(re.match(rf"(^|.*\.){wanted}$", n) for n in c.names)]
-        if not hits:
-            raise ValueError(f"modules_to_save entry {wanted!r} matched no module")
         for c in hits:
             module = model.get_submodule(c.module_path)
             if isinstance(module, AdapterLayer):
@@ -80,6 +78,19 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> tuple[list
     return plan, saved
 
 
+def _check_matches_somewhere(model: nn.Module, config: LoraConfig, plan, saved) -> None:
+    """Collective: under pipeline parallelism a stage may match nothing; the job as a whole must."""
+    found = all_gather_object(([c.hf_name for c, _, _ in plan], [c.names for c in saved]))
+    if not any(targets for targets, _ in found):
+        raise ValueError(f"target_modules={config.target_modules!r} matched no module; modules that "
+                         f"could match: {', '.join(leaf_names(model))}")
+    names = [n for _, groups in found for group in groups for n in group]
+    for wanted in config.modules_to_save or []:
+        if not any(re.match(rf"(^|.*\.){wanted}$", n) for n in names):
+            raise ValueError(f"modules_to_save entry {wanted!r} matched no module; modules that could "
+                             f"match: {', '.join(leaf_names(model))}")
+
+
 def _shared_weight(model: nn.Module, module: nn.Module) -> torch.Tensor:
     weight = getattr(module, "weight", None)
     if weight is None and hasattr(model, "shared_embedding_or_output_weight"):
@@ -87,15 +98,23 @@ def _shared_weight(model: nn.Module, module: nn.Module) -> torch.Tensor:
     return weight
 
 
+def _ensure_wrapper(model: nn.Module, pool: list[Candidate], path: str) -> AdapterLayer:
+    """The adapter wrapper at ``path``, created (with every slot the layer offers) if needed."""
+    module = model.get_submodule(path)
+    if isinstance(module, AdapterLayer):
+        return module
+    wrapper_cls, shard = describe(module, _vocab_size(model))
+    siblings = [c.slot for c in pool if c.module_path == path]
+    whole = next(s for s in siblings if s.key == "all")
+    wrapper = wrapper_cls(module, shard, {s.key: s for s in siblings}, whole.hf_names, whole.fused)
+    _set_module(model, path, wrapper)
+    return wrapper
+
+
 def _build(model: nn.Module, config: LoraConfig, adapter_name: str, plan, saved, seed: int) -> None:
-    vocab = _vocab_size(model)
+    pool = candidates(model)
     for c, r, alpha in plan:
-        module = model.get_submodule(c.module_path)
-        if not isinstance(module, AdapterLayer):
-            wrapper_cls, shard = describe(module, vocab)
-            module = wrapper_cls(module, shard, {})
-            _set_module(model, c.module_path, module)
-        module.slots.setdefault(c.slot.key, c.slot)
+        module = _ensure_wrapper(model, pool, c.module_path)
         weight = _shared_weight(model, module.base_layer)
         dtype = torch.float32 if weight is None or weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         factors = LoraFactors(module.shard, c.slot, r, alpha, config.scaling_for(r, alpha), config.lora_dropout,
@@ -109,6 +128,14 @@ def _build(model: nn.Module, config: LoraConfig, adapter_name: str, plan, saved,
                 norm = row_norm(module._read_rows(c.slot), factors.delta_weight(), module.shard)
                 factors.lora_magnitude_vector.copy_(norm)
         module.add_factors(adapter_name, c.slot.key, factors)
+    if config.bias == "all" and hasattr(model, "dist_lora"):
+        # Megatron drops the bias gradient of frozen-weight column layers; the wrapper restores it.
+        for c in pool:
+            module = model.get_submodule(c.module_path)
+            if (c.slot.key == "all" and c.kind == "linear" and getattr(module, "bias", None) is not None
+                    and not isinstance(module, AdapterLayer)):
+                _ensure_wrapper(model, pool, c.module_path)
+    vocab = _vocab_size(model)
     for c in saved:
         module = model.get_submodule(c.module_path)
         if not isinstance(module, ModulesToSave):
@@ -131,6 +158,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     except (ValueError, TypeError, KeyError) as err:
         error = err
     raise_if_any(error, what=f"adding adapter {adapter_name!r}")
+    _check_matches_somewhere(model, config, *plan)
     _build(model, config, adapter_name, *plan, seed=_seed(model, seed))
     reg = registry(model)
     reg.configs[adapter_name] = config

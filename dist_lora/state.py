@@ -101,10 +101,7 @@ def _bias_entries(model: nn.Module, adapter: str, gradients: bool) -> dict[str, 
         layout = FactorLayout(dim=0) if layer.shard.kind == "column" else FactorLayout()
         value = bias.grad if gradients else bias
         full = _gather(torch.zeros_like(bias) if value is None else value, layout, layer.shard.tp_group)
-        whole = next(iter(layer.slots.values()))
-        fused = "qkv" if len(layer.slots) > 1 or whole.fused else None
-        hf_names = tuple(n for s in layer.slots.values() for n in s.hf_names) if fused else whole.hf_names
-        hf_names = tuple(dict.fromkeys(hf_names))
+        fused, hf_names = layer.fused_layout, layer.hf_names
         adapted = {n for s in slots.values() for n in s.slot.hf_names}
         for hf, tensor in _split_fused(fused, full, hf_names, spec, shared=False).items():
             if mode == "lora_only" and hf not in adapted:
@@ -150,9 +147,7 @@ def _load_biases(model: nn.Module, state: dict, spec) -> set[str]:
         bias = getattr(layer.base_layer, "bias", None)
         if bias is None:
             continue
-        whole = next(iter(layer.slots.values()))
-        fused = "qkv" if len(layer.slots) > 1 or whole.fused else None
-        hf_names = tuple(dict.fromkeys(n for s in layer.slots.values() for n in s.hf_names)) if fused else whole.hf_names
+        fused, hf_names = layer.fused_layout, layer.hf_names
         keys = {}
         for hf in hf_names:
             for key in (f"{PREFIX}{hf}.base_layer.bias", f"{PREFIX}{hf}.bias"):

@@ -150,8 +150,14 @@ def _excluded(config: LoraConfig, name: str) -> bool:
     return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save or [])
 
 
+def leaf_names(model: nn.Module) -> list[str]:
+    """Short names of the modules that could be targeted (for error messages)."""
+    return sorted({n.rsplit(".", 1)[-1] for c in candidates(model) for n in c.names})
+
+
 def select(model: nn.Module, config: LoraConfig) -> list[Candidate]:
-    """The candidates ``config`` targets, or a ``ValueError`` that names what is wrong."""
+    """The candidates ``config`` targets on this rank (possibly none: under pipeline
+    parallelism another stage may hold them); a ``ValueError`` names an inconsistent target."""
     pool = candidates(model)
     targets = config.target_modules
     if targets is None:
@@ -164,10 +170,6 @@ def select(model: nn.Module, config: LoraConfig) -> list[Candidate]:
                   if any(_name_matches(targets, n) for n in c.names)
                   and not any(_excluded(config, n) for n in c.names)
                   and _layer_ok(config, c.hf_name)]
-    if not chosen:
-        leaves = sorted({n.rsplit(".", 1)[-1] for c in pool for n in c.names})
-        raise ValueError(f"target_modules={targets!r} matched no module; modules that could match: "
-                         f"{', '.join(leaves)}")
     by_group: dict[str, set[bool]] = {}
     for c in chosen:
         by_group.setdefault(c.group, set()).add(c.slot.fused is not None)

@@ -21,11 +21,14 @@ from dist_lora.layers.slots import Slot
 class AdapterLayer(nn.Module):
     """A base layer plus named adapters, each a ``ModuleDict`` slot key -> ``LoraFactors``."""
 
-    def __init__(self, base_layer: nn.Module, shard: BaseShard, slots: dict[str, Slot]):
+    def __init__(self, base_layer: nn.Module, shard: BaseShard, slots: dict[str, Slot],
+                 hf_names: tuple[str, ...], fused_layout: str | None = None):
         super().__init__()
         self.base_layer = base_layer
         self.shard = shard
-        self.slots = slots
+        self.slots = slots  # every slot this layer offers
+        self.hf_names = hf_names  # the HF modules the base layer stands for, in order
+        self.fused_layout = fused_layout  # "qkv" / "glu" for fused Megatron layers
         self.lora = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []

@@ -54,10 +54,15 @@ class LoraLinear(AdapterLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs):
         out = self.base_layer(x, *args, **kwargs)
         live = list(self.live())
-        if not live:
+        base_bias = self._bias_in_output()
+        trained_bias = self._bias_without_gradient(base_bias)
+        if not live and trained_bias is None:
             return out
         y, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
-        base_bias = self._bias_in_output()
+        if trained_bias is not None:
+            y = y + (trained_bias - trained_bias.detach())  # adds 0; routes dL/dy to the bias
+        if not live:
+            return (y, *rest) if rest is not None else y
         delta = None
         for _, factors in live:
             d = factors.slot.place(self._slot_delta(x, y, base_bias, factors), y.shape[-1])
@@ -72,6 +77,18 @@ class LoraLinear(AdapterLayer):
         if bias is None or getattr(self.base_layer, "skip_bias_add", False):
             return None
         return bias
+
+    def _bias_without_gradient(self, base_bias: torch.Tensor | None) -> torch.Tensor | None:
+        """A trainable bias that Megatron's frozen-weight path would leave without gradient.
+
+        megatron-core's ``LinearWithFrozenWeight`` (used whenever the weight is frozen) adds the
+        bias inside an autograd function whose backward returns no bias gradient, so
+        ``bias="all"`` / ``"lora_only"`` would silently train nothing on column layers.
+        """
+        if (base_bias is None or not base_bias.requires_grad or not self.shard.megatron
+                or self.shard.kind != "column" or self.base_layer.weight.requires_grad):
+            return None
+        return base_bias
 
     def _hidden(self, x: torch.Tensor, factors: LoraFactors) -> torch.Tensor:
         """``A x`` laid out like the base output's leading dims, complete over TP."""

@@ -79,7 +79,7 @@ def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_m
 
         def loss_func(output):
             loss = _mean_loss(output, lab, spec, groups)
-            losses.append(loss.detach())
+            losses.append(loss.detach().clone())  # the schedule divides the returned tensor in place
             return loss, {"loss": loss.detach()}
 
         return out, loss_func
