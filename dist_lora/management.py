@@ -82,6 +82,15 @@ def merge_adapter(model: nn.Module, adapter_names: list[str] | None = None, safe
     rank is not finite, every rank raises and no weight is changed.
     """
     names = _names(model, adapter_names)
+    problem = None
+    for module_name, layer in adapter_layers(model):
+        for name in names:
+            if name in layer.adapter_names() and problem is None:
+                try:
+                    layer.check_mergeable(name)
+                except RuntimeError as err:
+                    problem = RuntimeError(f"{module_name}: {err}")
+    raise_if_any(problem, what=f"merging {names}")
     if safe_merge:
         bad = None
         for module_name, layer in adapter_layers(model):

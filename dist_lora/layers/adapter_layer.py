@@ -86,12 +86,20 @@ class AdapterLayer(nn.Module):
         """For each slot of ``adapter``: (factors, merged local weight rows, DoRA norm). No writes."""
         raise NotImplementedError
 
+    def check_mergeable(self, adapter: str) -> None:
+        """Raise if ``adapter`` cannot be folded into this layer (checked before any write)."""
+        for factors in self.lora[adapter].values():
+            self.base_weight()
+            if factors.lora_bias is not None and getattr(self.base_layer, "bias", None) is None:
+                raise RuntimeError("lora_bias cannot be merged: the base layer has no bias")
+
     @torch.no_grad()
     def merge(self, adapter: str) -> None:
         """Fold ``adapter`` into the local base weight shard (no gather, no communication
         beyond the DoRA row-norm reduction of row-parallel layers)."""
         if adapter in self.merged_adapters:
             return
+        self.check_mergeable(adapter)
         for factors, merged, norm in self.merge_candidates(adapter):
             self._write_rows(factors.slot, merged)
             factors.merged_norm = norm
