@@ -165,6 +165,24 @@ def check_replicas_catches_data_parallel_drift(ctx):
         dl.check_replicas(model)
 
 
+@check("tp2", "tp2-sp")
+def dropout_training_keeps_replicated_factors_identical(ctx):
+    """With lora_dropout the replicated input of column layers must be dropped identically on
+    every TP rank, or A's gradient (and then A) differs between ranks."""
+    from dist_lora.models.training import finalize_grads, forward_backward
+
+    model = models.from_pretrained(ctx.data["llama"])
+    dl.apply_lora(model, dl.LoraConfig(r=4, lora_dropout=0.3, target_modules="all-linear", init_lora_weights=False))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = _ids()
+    for _ in range(2):
+        optimizer.zero_grad()
+        forward_backward(model, ids, ids)
+        finalize_grads(model)
+        optimizer.step()
+    dl.check_replicas(model)
+
+
 def _unchanged(model, before: dict) -> None:
     after = {n: p for n, p in model.named_parameters()}
     assert sorted(after) == sorted(before) and not list(adapter_layers(model))
