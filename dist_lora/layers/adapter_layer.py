@@ -13,12 +13,14 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from dist_lora.layers.wrapper import BaseWrapper
+
 from dist_lora.layers.factors import LoraFactors
 from dist_lora.layers.sharding import BaseShard
 from dist_lora.layers.slots import Slot
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(BaseWrapper):
     """A base layer plus named adapters, each a ``ModuleDict`` slot key -> ``LoraFactors``."""
 
     def __init__(self, base_layer: nn.Module, shard: BaseShard, slots: dict[str, Slot],
@@ -33,16 +35,6 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-
-    def __getattr__(self, name: str):
-        """Attributes the wrapper lacks (``weight``, ``config``, ...) come from the base layer, so
-        code that reads them (Megatron's tied embeddings, attention) sees the base."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     # -- bookkeeping ---------------------------------------------------------------------
 

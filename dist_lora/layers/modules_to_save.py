@@ -12,10 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_lora.layers.wrapper import BaseWrapper
+
 from dist_lora.layers.sharding import BaseShard, FactorLayout
 
 
-class ModulesToSave(nn.Module):
+class ModulesToSave(BaseWrapper):
     def __init__(self, base_layer: nn.Module, shard: BaseShard, layout: FactorLayout):
         super().__init__()
         self.base_layer = base_layer
@@ -24,16 +26,6 @@ class ModulesToSave(nn.Module):
         self.copies = nn.ParameterDict()
         self.active_adapters: list[str] = []
         self.disabled = False
-
-    def __getattr__(self, name: str):
-        """Attributes the wrapper lacks (``weight``, ``config``, ...) come from the base layer, so
-        code that reads them (Megatron's tied embeddings, attention) sees the base."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
     def add_copy(self, adapter: str, weight: torch.Tensor) -> None:
         if getattr(self.base_layer, "bias", None) is not None:
