@@ -7,6 +7,7 @@ collectives live in ``dist_lora.models`` and ``dist_lora.parallel``.
 __version__ = "0.1.0"
 
 from dist_lora.apply import add_adapter, apply_lora
+from dist_lora.checkpoint import export_peft, import_peft, load_adapter, save_adapter
 from dist_lora.config import LoraConfig
 from dist_lora.management import (
     active_adapters,
@@ -34,8 +35,12 @@ __all__ = [
     "disable_adapter",
     "disable_adapters",
     "enable_adapters",
+    "export_peft",
+    "import_peft",
+    "load_adapter",
     "merge_adapter",
     "merge_and_unload",
+    "save_adapter",
     "set_adapter",
     "set_adapter_state_dict",
     "unload",

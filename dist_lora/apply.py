@@ -104,9 +104,10 @@ def _ensure_wrapper(model: nn.Module, pool: list[Candidate], path: str) -> Adapt
     if isinstance(module, AdapterLayer):
         return module
     wrapper_cls, shard = describe(module, _vocab_size(model))
-    siblings = [c.slot for c in pool if c.module_path == path]
-    whole = next(s for s in siblings if s.key == "all")
-    wrapper = wrapper_cls(module, shard, {s.key: s for s in siblings}, whole.hf_names, whole.fused)
+    siblings = [c for c in pool if c.module_path == path]
+    whole = next(c for c in siblings if c.slot.key == "all")
+    wrapper = wrapper_cls(module, shard, {c.slot.key: c.slot for c in siblings}, whole.slot.hf_names, whole.slot.fused)
+    wrapper.global_name = whole.global_name
     _set_module(model, path, wrapper)
     return wrapper
 
@@ -142,6 +143,8 @@ def _build(model: nn.Module, config: LoraConfig, adapter_name: str, plan, saved,
             _, shard = describe(module, vocab)
             layout = c.slot.b_layout if c.kind == "output" else FactorLayout()
             module = ModulesToSave(module, shard, layout)
+            module.global_name = c.global_name
+            module.hf_name = c.hf_name
             _set_module(model, c.module_path, module)
         module.add_copy(adapter_name, _shared_weight(model, module.base_layer))
 

@@ -17,12 +17,9 @@ from dist_lora.layers.adapter_layer import AdapterLayer
 from dist_lora.layers.factors import LoraFactors
 from dist_lora.layers.sharding import FactorLayout
 from dist_lora.parallel.collectives import all_gather_object, all_gather_tensors, raise_if_any
+from dist_lora.peft_names import PREFIX, bias_key, join_fused, peft_key, split_fused
 from dist_lora.registry import adapter_layers, require_adapter, saved_modules
 
-PREFIX = "base_model.model."
-_LINEAR_KEYS = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_bias": "lora_B.bias",
-                "lora_magnitude_vector": "lora_magnitude_vector"}
-_EMBEDDING_KEYS = {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
 
 
 def _spec(model: nn.Module):
@@ -30,41 +27,8 @@ def _spec(model: nn.Module):
     return info.spec if info is not None else None
 
 
-def _suffixes(layer: AdapterLayer) -> dict[str, str]:
-    return _EMBEDDING_KEYS if layer.shard.kind == "embedding" else _LINEAR_KEYS
-
-
-def _split_fused(fused: str | None, tensor: torch.Tensor, names: tuple[str, ...], spec, shared: bool):
-    """Per-HF-module tensors of a (possibly fused) slot tensor."""
-    if fused is None:
-        return {names[0]: tensor}
-    if shared:
-        return {n: tensor for n in names}
-    from dist_lora.models.layouts import unshard
-
-    return dict(zip(names, unshard(fused, [tensor], spec)))
-
-
-def _join_fused(fused: str | None, parts: dict[str, torch.Tensor], names: tuple[str, ...], spec, shared: bool):
-    if fused is None:
-        return parts[names[0]]
-    if shared:
-        first = parts[names[0]]
-        if any(not torch.equal(parts[n], first) for n in names[1:]):
-            raise ValueError(f"{', '.join(names)} have different lora_A; a fused adapter needs one A shared by "
-                             f"its projections (import them as per-projection adapters instead)")
-        return first
-    from dist_lora.models.layouts import read_local
-
-    class _Reader:
-        def shape(self, name):
-            return tuple(parts[name].shape)
-
-        def read(self, name, rows=None, cols=None):
-            t = parts[name]
-            return t[slice(*rows)] if rows else t
-
-    return read_local(fused, _Reader(), list(names), spec, 1, 0)
+def _kind(layer: AdapterLayer) -> str:
+    return "embedding" if layer.shard.kind == "embedding" else "linear"
 
 
 def _gather(tensor: torch.Tensor, layout: FactorLayout, group) -> torch.Tensor:
@@ -73,15 +37,14 @@ def _gather(tensor: torch.Tensor, layout: FactorLayout, group) -> torch.Tensor:
 
 def _factor_entries(layer: AdapterLayer, factors: LoraFactors, spec, gradients: bool) -> dict[str, torch.Tensor]:
     out = {}
-    suffixes = _suffixes(layer)
     for name, layout in factors.layouts().items():
         param = getattr(factors, name)
         value = param.grad if gradients else param
         value = torch.zeros_like(param) if value is None else value
         full = _gather(value, layout, layer.shard.tp_group)
         slot = factors.slot
-        for hf, tensor in _split_fused(slot.fused, full, slot.hf_names, spec, shared=name == "lora_A").items():
-            out[f"{PREFIX}{hf}.{suffixes[name]}"] = tensor.clone()
+        for hf, tensor in split_fused(slot.fused, full, slot.hf_names, spec, shared=name == "lora_A").items():
+            out[peft_key(hf, _kind(layer), name)] = tensor.clone()
     return out
 
 
@@ -103,11 +66,10 @@ def _bias_entries(model: nn.Module, adapter: str, gradients: bool) -> dict[str, 
         full = _gather(torch.zeros_like(bias) if value is None else value, layout, layer.shard.tp_group)
         fused, hf_names = layer.fused_layout, layer.hf_names
         adapted = {n for s in slots.values() for n in s.slot.hf_names}
-        for hf, tensor in _split_fused(fused, full, hf_names, spec, shared=False).items():
+        for hf, tensor in split_fused(fused, full, hf_names, spec, shared=False).items():
             if mode == "lora_only" and hf not in adapted:
                 continue
-            key = f"{PREFIX}{hf}.base_layer.bias" if hf in adapted else f"{PREFIX}{hf}.bias"
-            out[key] = tensor.clone()
+            out[bias_key(hf, hf in adapted)] = tensor.clone()
     return out
 
 
@@ -128,7 +90,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", gradient
             param = module.copies[adapter_name]
             value = param.grad if gradients else param
             full = _gather(torch.zeros_like(param) if value is None else value, module.layout, module.shard.tp_group)
-            hf = _hf_name_of(model, module)
+            hf = module.hf_name
             out[f"{PREFIX}{hf}.weight"] = full.clone()
     out.update(_bias_entries(model, adapter_name, gradients))
     info = getattr(model, "dist_lora", None)
@@ -150,7 +112,7 @@ def _load_biases(model: nn.Module, state: dict, spec) -> set[str]:
         fused, hf_names = layer.fused_layout, layer.hf_names
         keys = {}
         for hf in hf_names:
-            for key in (f"{PREFIX}{hf}.base_layer.bias", f"{PREFIX}{hf}.bias"):
+            for key in (bias_key(hf, True), bias_key(hf, False)):
                 if key in state:
                     keys[hf] = key
         if not keys:
@@ -158,20 +120,13 @@ def _load_biases(model: nn.Module, state: dict, spec) -> set[str]:
         parts = {hf: state[keys[hf]] if hf in keys else None for hf in hf_names}
         local_full = _gather(bias, FactorLayout(dim=0) if layer.shard.kind == "column" else FactorLayout(),
                              layer.shard.tp_group)
-        current = _split_fused(fused, local_full, hf_names, spec, shared=False)
+        current = split_fused(fused, local_full, hf_names, spec, shared=False)
         parts = {hf: (p if p is not None else current[hf]) for hf, p in parts.items()}
-        full = _join_fused(fused, parts, hf_names, spec, shared=False)
+        full = join_fused(fused, parts, hf_names, spec, shared=False)
         layout = FactorLayout(dim=0) if layer.shard.kind == "column" else FactorLayout()
         bias.data.copy_(layout.local(full.to(bias.dtype), layer.shard.tp, layer.shard.rank))
         used.update(keys.values())
     return used
-
-
-def _hf_name_of(model: nn.Module, module: nn.Module) -> str:
-    for name, candidate in saved_modules(model):
-        if candidate is module:
-            return "lm_head" if name == "output_layer" and hasattr(model, "dist_lora") else name
-    raise KeyError("module is not a modules_to_save wrapper of this model")
 
 
 def set_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
@@ -187,21 +142,20 @@ def set_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ada
     try:
         with torch.no_grad():
             for _, layer in adapter_layers(model):
-                suffixes = _suffixes(layer)
                 for factors in layer.factors_of(adapter_name).values():
                     slot, tensors = factors.slot, {}
                     for name in factors.layouts():
-                        keys = [f"{PREFIX}{hf}.{suffixes[name]}" for hf in slot.hf_names]
+                        keys = [peft_key(hf, _kind(layer), name) for hf in slot.hf_names]
                         missing = [k for k in keys if k not in state]
                         if missing:
                             raise KeyError(f"the state dict lacks {missing[0]}")
                         used.update(keys)
                         parts = {hf: state[k] for hf, k in zip(slot.hf_names, keys)}
-                        tensors[name] = _join_fused(slot.fused, parts, slot.hf_names, spec, shared=name == "lora_A")
+                        tensors[name] = join_fused(slot.fused, parts, slot.hf_names, spec, shared=name == "lora_A")
                     factors.load_global({k: v.to(getattr(factors, k).dtype) for k, v in tensors.items()}, layer.shard)
             for _, module in saved_modules(model):
                 if adapter_name in module.copies:
-                    key = f"{PREFIX}{_hf_name_of(model, module)}.weight"
+                    key = f"{PREFIX}{module.hf_name}.weight"
                     if key not in state:
                         raise KeyError(f"the state dict lacks {key}")
                     used.add(key)

@@ -37,6 +37,11 @@ class Candidate:
     kind: str  # "linear" | "output" | "embedding"
     group: str  # candidates that share a base layer and cannot be fused + canonical at once
 
+    @property
+    def global_name(self) -> str:
+        """Layout-independent name of the base layer (Megatron name, global layer index)."""
+        return self.names[1] if len(self.names) > 1 else self.names[0]
+
 
 def _megatron_candidates(model: nn.Module) -> list[Candidate]:
     from dist_lora.models.fused import projection_rows

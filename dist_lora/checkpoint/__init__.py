@@ -1,0 +1,6 @@
+"""Adapter checkpoints: sharded with resharding, and Hugging Face PEFT's format both ways."""
+
+from dist_lora.checkpoint.peft_format import export_peft, import_peft, read_peft
+from dist_lora.checkpoint.sharded import load_adapter, read_manifest, save_adapter
+
+__all__ = ["export_peft", "import_peft", "load_adapter", "read_manifest", "read_peft", "save_adapter"]

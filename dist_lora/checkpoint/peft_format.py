@@ -1,0 +1,182 @@
+"""Hugging Face PEFT's adapter format: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+``export_peft`` writes it from a live sharded model (collective; rank 0 writes) or from a sharded
+checkpoint directory (one process, no process group, one global tensor in memory at a time).
+Fused Megatron adapters become per-projection adapters sharing one A; vocabulary padding is
+cut; only adapter tensors are written (no fused names, no base weights). ``import_peft`` puts a
+PEFT LoRA / DoRA adapter onto any layout.
+
+PEFT keeps the default adapter in ``out_dir`` and any other in ``out_dir/<name>``; so do we.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from dist_lora.checkpoint.atomic import atomic_directory
+from dist_lora.checkpoint.sharded import ShardReader, read_manifest
+from dist_lora.checkpoint.stream_writer import StreamWriter
+from dist_lora.config import LoraConfig
+from dist_lora.parallel.collectives import group_rank, raise_if_any
+from dist_lora.peft_names import PREFIX, bias_key, peft_key, split_fused
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+def _peft_config(config: LoraConfig, modules: dict[str, tuple[int, float]], saved: list[str],
+                 base_model: str | None) -> dict:
+    """PEFT config naming exactly the exported modules; ranks / alphas that differ from the
+    defaults become explicit ``rank_pattern`` / ``alpha_pattern`` entries."""
+    out = config.to_dict()
+    out.update(target_modules=sorted(modules), exclude_modules=None, layers_to_transform=None,
+               layers_pattern=None, modules_to_save=saved or None, init_lora_weights=True,
+               rank_pattern={m: r for m, (r, _) in sorted(modules.items()) if r != config.r},
+               alpha_pattern={m: a for m, (_, a) in sorted(modules.items()) if a != config.lora_alpha})
+    if base_model is not None:
+        out["base_model_name_or_path"] = base_model
+    return out
+
+
+def _out_dir(out_dir: Path, adapter_name: str) -> Path:
+    return out_dir if adapter_name == "default" else out_dir / adapter_name
+
+
+def export_peft(model_or_path, out_dir: str | Path, adapter_name: str = "default",
+                base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
+    """Write the adapter in PEFT's format; returns the directory written."""
+    if isinstance(model_or_path, (str, Path)):
+        return _export_checkpoint(Path(model_or_path), Path(out_dir), base_model_name_or_path, overwrite)
+    return _export_model(model_or_path, Path(out_dir), adapter_name, base_model_name_or_path, overwrite)
+
+
+def _export_model(model, out_dir: Path, adapter_name: str, base: str | None, overwrite: bool) -> Path:
+    from dist_lora.checkpoint.entries import entries
+    from dist_lora.parallel.collectives import all_gather_object
+    from dist_lora.registry import require_adapter
+    from dist_lora.state import adapter_state_dict
+
+    config = require_adapter(model, adapter_name)
+    state = adapter_state_dict(model, adapter_name)
+    ranks = {hf: (e.shape[0], e.alpha) for e in entries(model, adapter_name) if e.role == "lora_A"
+             for hf in e.hf_names}
+    merged = {}
+    for part in all_gather_object(ranks):
+        merged.update(part)
+    saved = sorted({k[len(PREFIX):-len(".weight")] for k in state if _is_saved_module(k)})
+    target = _out_dir(out_dir, adapter_name)
+    error = None
+    if group_rank() == 0:
+        try:
+            with atomic_directory(target, overwrite) as tmp:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+                (tmp / CONFIG).write_text(json.dumps(_peft_config(config, merged, saved, base), indent=2, sort_keys=True))
+        except OSError as err:
+            error = err
+    raise_if_any(error, what=f"exporting to {target}")
+    return target
+
+
+def _is_saved_module(key: str) -> bool:
+    return key.endswith(".weight") and ".lora_" not in key
+
+
+def _export_checkpoint(path: Path, out_dir: Path, base: str | None, overwrite: bool) -> Path:
+    """Sharded checkpoint -> PEFT files, in this process, one global tensor at a time."""
+    from dist_lora.models.spec import spec_from_config
+
+    manifest = read_manifest(path)
+    config = LoraConfig.from_dict(manifest["adapter_config"])
+    spec = spec_from_config(manifest["model_config"]) if manifest["model_config"] else None
+    reader = ShardReader(path, manifest)
+    plan, ranks, saved = [], {}, []
+    for key, meta in manifest["tensors"].items():
+        names = tuple(meta["hf_names"])
+        shapes = split_fused(meta["fused"], torch.empty(meta["shape"], device="meta"), names, spec,
+                             shared=meta["role"] == "lora_A")
+        for hf, t in shapes.items():
+            out_key = _peft_key_of(meta, hf, config)
+            if out_key is not None:
+                plan.append((key, hf, out_key, getattr(torch, meta["dtype"]), tuple(t.shape)))
+        if meta["role"] == "lora_A":
+            ranks.update({hf: (meta["shape"][0], meta["alpha"]) for hf in names})
+        if meta["role"] == "modules_to_save":
+            saved += list(names)
+    plan.sort(key=lambda p: p[2])
+    target = _out_dir(out_dir, manifest["adapter_name"])
+    with atomic_directory(target, overwrite) as tmp:
+        writer = StreamWriter(tmp / WEIGHTS, [(k, d, s) for _, _, k, d, s in plan], metadata={"format": "pt"})
+        by_source: dict[str, dict[str, torch.Tensor]] = {}
+        with writer:
+            for key, hf, out_key, _, _ in plan:
+                if key not in by_source:  # one global tensor (and its split) in memory at a time
+                    meta = manifest["tensors"][key]
+                    full = reader.global_tensor(key)
+                    by_source = {key: split_fused(meta["fused"], full, tuple(meta["hf_names"]), spec,
+                                                  shared=meta["role"] == "lora_A")}
+                writer.write(out_key, by_source[key][hf].contiguous())
+        (tmp / CONFIG).write_text(json.dumps(_peft_config(config, ranks, sorted(saved), base), indent=2, sort_keys=True))
+    return target
+
+
+def _peft_key_of(meta: dict, hf: str, config: LoraConfig) -> str | None:
+    role = meta["role"]
+    if role == "modules_to_save":
+        return f"{PREFIX}{hf}.weight"
+    if role == "base_bias":
+        if config.bias == "lora_only" and hf not in meta["adapted"]:
+            return None
+        return bias_key(hf, hf in meta["adapted"])
+    return peft_key(hf, meta["kind"], role)
+
+
+def read_peft(peft_dir: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A PEFT adapter directory's config and tensors (safetensors only; pickles are refused)."""
+    peft_dir = Path(peft_dir)
+    config_file = peft_dir / CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} does not exist; expected a PEFT adapter directory")
+    raw = json.loads(config_file.read_text())
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"peft_type={raw.get('peft_type')!r} is not supported; dist_lora imports LORA adapters")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = LoraConfig.from_dict(raw)
+    for w in caught:
+        warnings.warn(f"{peft_dir}: {w.message}", stacklevel=2)
+    weights = peft_dir / WEIGHTS
+    if not weights.is_file():
+        pickles = sorted(p.name for p in peft_dir.glob("*.bin"))
+        hint = f"; found {pickles}, which dist_lora never unpickles" if pickles else ""
+        raise FileNotFoundError(f"{weights} does not exist{hint}")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"{weights} is not a readable safetensors file: {err}") from err
+    return config, tensors
+
+
+def import_peft(model, peft_dir: str | Path, adapter_name: str = "default") -> None:
+    """Load a PEFT LoRA / DoRA adapter onto ``model`` (any TP / PP layout), as per-projection
+    adapters. Unsupported adapter types, modules this model lacks and shape mismatches raise on
+    every rank; ignored config fields give a warning."""
+    from dist_lora.apply import add_adapter
+    from dist_lora.state import set_adapter_state_dict
+
+    config, tensors, error = None, None, None
+    try:
+        config, tensors = read_peft(peft_dir)
+    except (OSError, ValueError) as err:
+        error = err
+    raise_if_any(error, what=f"importing {peft_dir}")
+    config.init_lora_weights = True  # the file holds every tensor; the init is overwritten
+    add_adapter(model, config, adapter_name)
+    set_adapter_state_dict(model, tensors, adapter_name)

@@ -1,0 +1,268 @@
+"""Sharded adapter checkpoints: one safetensors file per (TP, PP) shard plus ``manifest.json``.
+
+Layout of a checkpoint directory::
+
+    manifest.json                      format, layout, adapter config, source model config,
+                                       every tensor's global shape / split dim / stride / dtype,
+                                       and each file's sha256
+    adapter-tp00-pp00.safetensors      TP rank 0 of stage 0: its shards + the replicated tensors
+    adapter-tp01-pp00.safetensors      ...
+
+Only data-parallel replica 0 writes. The directory is written under a temporary name, fsynced
+and renamed, so a crash leaves the previous checkpoint as it was. Loading works on any TP / PP
+layout: each rank opens only the files that hold slices it needs, checks their sha256, and
+reads only the overlapping slices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from dist_lora.checkpoint.atomic import check_target, publish, recover, temporary_sibling
+from dist_lora.checkpoint.entries import Entry, entries
+from dist_lora.checkpoint.reshard import overlaps, padded_extent, pieces
+from dist_lora.config import LoraConfig
+from dist_lora.parallel.collectives import all_gather_object, broadcast_object, group_rank, raise_if_any
+from dist_lora.registry import registry, require_adapter
+
+FORMAT = "dist_lora.adapter_checkpoint/1"
+MANIFEST = "manifest.json"
+
+
+def _layout(model) -> dict:
+    info = getattr(model, "dist_lora", None)
+    if info is None:
+        return {"tp": 1, "pp": 1, "tp_rank": 0, "pp_rank": 0, "dp_rank": 0, "model_config": None}
+    g = info.groups
+    return {"tp": g.tp_size, "pp": g.pp_size, "tp_rank": g.tp_rank, "pp_rank": g.pp_rank, "dp_rank": g.dp_rank,
+            "model_config": info.spec.hf_config}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _extent(meta: dict, tp: int) -> int:
+    dim = meta["dim"]
+    return padded_extent(meta["shape"][dim], tp, meta["stride"], meta["size"] is not None)
+
+
+def save_adapter(model, path: str | Path, adapter_name: str = "default", overwrite: bool = False) -> None:
+    """Write ``adapter_name`` of a (sharded) model as a sharded checkpoint at ``path``.
+
+    Collective over all ranks. Raises on every rank, leaving ``path`` untouched, on failure.
+    """
+    path = Path(path)
+    config = require_adapter(model, adapter_name)
+    lay = _layout(model)
+    error = None
+    if group_rank() == 0:
+        try:
+            check_target(path, overwrite)
+        except FileExistsError as err:
+            error = err
+    raise_if_any(error, what=f"saving adapter to {path}")
+    tmp = Path(broadcast_object(str(temporary_sibling(path)) if group_rank() == 0 else None))
+    try:
+        mine = entries(model, adapter_name)
+        writer = lay["dp_rank"] == 0
+        stored = [e for e in mine if writer and (e.layout.dim is not None or lay["tp_rank"] == 0)]
+        file = f"adapter-tp{lay['tp_rank']:02d}-pp{lay['pp_rank']:02d}.safetensors"
+        error, digest = None, None
+        if stored:
+            try:
+                save_file({e.key: e.param.detach().contiguous() for e in stored}, str(tmp / file),
+                          metadata={"format": "pt"})
+                digest = sha256_of(tmp / file)
+            except OSError as err:
+                error = err
+        raise_if_any(error, what=f"saving adapter to {path}")
+        parts = all_gather_object((file, lay["tp_rank"], digest, [(e.key, e.describe()) for e in stored]))
+        if group_rank() == 0:
+            try:
+                _write_manifest(tmp, parts, config, adapter_name, lay)
+                publish(tmp, path)
+            except OSError as err:
+                error = err
+        raise_if_any(error, what=f"saving adapter to {path}")
+    finally:
+        if group_rank() == 0 and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_manifest(tmp: Path, parts, config: LoraConfig, adapter_name: str, lay: dict) -> None:
+    tensors, files = {}, {}
+    for file, tp_rank, digest, described in parts:
+        if digest is None:
+            continue
+        files[file] = {"sha256": digest}
+        for key, meta in described:
+            entry = tensors.setdefault(key, {**meta, "files": {}})
+            entry["files"][file] = tp_rank
+    manifest = {"format": FORMAT, "adapter_name": adapter_name, "adapter_config": config.to_dict(),
+                "layout": {"tp": lay["tp"], "pp": lay["pp"]}, "model_config": lay["model_config"],
+                "files": dict(sorted(files.items())), "tensors": dict(sorted(tensors.items()))}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of a checkpoint directory, validated (format, file names inside the directory)."""
+    path = Path(path)
+    recover(path)
+    file = path / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} does not exist; {path} is not a dist_lora adapter checkpoint")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from err
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{file} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for name in manifest["files"]:
+        resolved = (path / name).resolve()
+        if Path(name).name != name or resolved.parent != path.resolve():
+            raise ValueError(f"manifest entry {name!r} points outside {path}; refusing to read it")
+    return manifest
+
+
+class ShardReader:
+    """Opens checkpoint files on first use, after checking their sha256 against the manifest."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path, self.manifest, self.handles = path, manifest, {}
+        self.bytes_read = 0
+
+    def handle(self, file: str):
+        if file not in self.handles:
+            full = self.path / file
+            if not full.is_file():
+                raise FileNotFoundError(f"checkpoint shard {full} is missing")
+            if sha256_of(full) != self.manifest["files"][file]["sha256"]:
+                raise ValueError(f"checksum mismatch for {full}: the checkpoint is corrupted")
+            try:
+                self.handles[file] = safe_open(str(full), framework="pt")
+            except SafetensorError as err:
+                raise ValueError(f"{full} is not a readable safetensors file: {err}") from err
+        return self.handles[file]
+
+    def read(self, file: str, key: str, dim: int | None = None, start: int = 0, length: int | None = None):
+        piece = self.handle(file).get_slice(key)
+        if dim is None:
+            tensor = piece[:]
+        else:
+            index = [slice(None)] * len(piece.get_shape())
+            index[dim] = slice(start, start + length)
+            tensor = piece[tuple(index)]
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def global_tensor(self, key: str) -> torch.Tensor:
+        """The whole (unpadded) tensor ``key``, assembled from every shard that holds part of it."""
+        meta = self.manifest["tensors"][key]
+        if meta["dim"] is None:
+            return self.read(next(iter(meta["files"])), key)
+        tp = self.manifest["layout"]["tp"]
+        out = torch.zeros([_extent(meta, tp) if d == meta["dim"] else s for d, s in enumerate(meta["shape"])],
+                          dtype=getattr(torch, meta["dtype"]))
+        for file, rank in meta["files"].items():
+            for have in pieces(_extent(meta, tp), tp, rank, meta["stride"]):
+                part = self.read(file, key, meta["dim"], have.local_start, have.length)
+                out.narrow(meta["dim"], have.global_start, have.length).copy_(part)
+        return out.narrow(meta["dim"], 0, meta["shape"][meta["dim"]]).contiguous()
+
+    def local_shard(self, key: str, tp: int, rank: int, local_shape: tuple[int, ...]) -> torch.Tensor:
+        """Rank ``rank`` of ``tp``'s shard of ``key``, reading only the overlapping saved slices."""
+        meta = self.manifest["tensors"][key]
+        if meta["dim"] is None:
+            return self.read(next(iter(meta["files"])), key)
+        dim, stride, saved_tp = meta["dim"], meta["stride"], self.manifest["layout"]["tp"]
+        out = torch.zeros(local_shape, dtype=getattr(torch, meta["dtype"]))
+        real = meta["shape"][dim]
+        for need in pieces(_extent(meta, tp), tp, rank, stride):
+            for file, saved_rank in meta["files"].items():
+                for have in pieces(_extent(meta, saved_tp), saved_tp, saved_rank, stride):
+                    hit = overlaps(need, have)
+                    if hit is None:
+                        continue
+                    at_out, at_file, length = hit
+                    length = min(length, max(0, real - (need.global_start + at_out - need.local_start)))
+                    if length > 0:
+                        out.narrow(dim, at_out, length).copy_(self.read(file, key, dim, at_file, length))
+        return out
+
+
+def load_adapter(model, path: str | Path, adapter_name: str = "default") -> None:
+    """Load a sharded adapter checkpoint onto ``model``'s layout (any TP / PP), collectively.
+
+    The adapter is created from the checkpoint's config if the model does not have it yet.
+    Every tensor of the adapter must be in the checkpoint with the same global shape; errors
+    (missing or corrupted shard, checksum mismatch, a checkpoint of another model) are raised
+    on every rank and leave the model's adapter weights unchanged.
+    """
+    from dist_lora.apply import add_adapter
+
+    path = Path(path)
+    manifest, error = None, None
+    try:
+        manifest = read_manifest(path)
+        config = LoraConfig.from_dict(manifest["adapter_config"])
+        _check_same_model(model, manifest, path)
+    except (OSError, ValueError, KeyError) as err:
+        error = err
+    raise_if_any(error, what=f"loading adapter from {path}")
+    if adapter_name not in registry(model, create=True).configs:
+        add_adapter(model, config, adapter_name)
+    mine, reader, staged = entries(model, adapter_name), ShardReader(path, manifest), []
+    try:
+        for e in mine:
+            staged.append((e, _load_entry(e, manifest, reader)))
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        error = err
+    raise_if_any(error, what=f"loading adapter from {path}")
+    with torch.no_grad():
+        for e, tensor in staged:
+            e.param.copy_(tensor)
+    used = set().union(*all_gather_object({e.key for e in mine}))
+    unused = sorted(set(manifest["tensors"]) - used)
+    if unused:
+        raise ValueError(f"the checkpoint has tensors this model's adapter does not have: {unused[:5]} "
+                         f"(was it saved from another model or config?)")
+
+
+_MODEL_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "num_kv_heads",
+                 "head_dim", "vocab_size", "tied_embeddings", "qkv_bias")
+
+
+def _check_same_model(model, manifest: dict, path: Path) -> None:
+    """A checkpoint's source model must have this model's shapes (not just matching names)."""
+    info = getattr(model, "dist_lora", None)
+    if info is None or not manifest.get("model_config"):
+        return
+    from dist_lora.models.spec import spec_from_config
+
+    saved = spec_from_config(manifest["model_config"])
+    differ = [f"{f}: {getattr(saved, f)!r} vs {getattr(info.spec, f)!r}" for f in _MODEL_FIELDS
+              if getattr(saved, f) != getattr(info.spec, f)]
+    if differ:
+        raise ValueError(f"{path} was saved from another model (checkpoint vs this model: {'; '.join(differ)})")
+
+
+def _load_entry(e: Entry, manifest: dict, reader: ShardReader) -> torch.Tensor:
+    meta = manifest["tensors"].get(e.key)
+    if meta is None:
+        raise KeyError(f"the checkpoint lacks {e.key} (saved from another model or config?)")
+    if tuple(meta["shape"]) != tuple(e.shape):
+        raise ValueError(f"{e.key}: the checkpoint holds shape {tuple(meta['shape'])}, this model needs "
+                         f"{tuple(e.shape)} (a checkpoint of another model?)")
+    return reader.local_shard(e.key, e.tp, e.rank, tuple(e.param.shape))

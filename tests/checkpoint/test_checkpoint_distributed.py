@@ -1,0 +1,190 @@
+"""Sharded adapter checkpoints and PEFT conversion against PEFT itself, in one 4-rank launch.
+
+Adapters are made and saved by PEFT (``save_pretrained``) on the single-device HF model. Workers
+import them onto Megatron layouts, must reproduce PEFT's logits, export files PEFT loads to the
+same logits, and move adapters between layouts bit for bit. Layouts run in this order in the
+same processes: tp2 (TP2 x DP2), tp4, tp1 (DP4), pp2, tp2-pp2.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dist_lora as dl
+from dist_lora import models
+from dist_lora.parallel.collectives import RankError, all_gather_object, barrier
+from dist_lora.testing import check, distributed_tests
+from dist_lora.testing.peft_reference import peft_model, rel_error
+from dist_lora.testing.tiny import TINY_CONFIGS, hf_model, save_tiny
+
+ADAPTERS = {
+    "q_v": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "all_linear": dict(r=4, lora_alpha=16, target_modules="all-linear"),
+    "rslora_patterns": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "down_proj"],
+                            rank_pattern={"down_proj": 2, "model.layers.0.self_attn.k_proj": 6},
+                            alpha_pattern={"q_proj": 5}),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear"),
+    "embed_and_saved_lm_head": dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"],
+                                    modules_to_save=["lm_head"]),
+}
+
+
+def prepare(tmp: Path) -> dict:
+    save_tiny(TINY_CONFIGS["llama"], tmp / "llama")
+    save_tiny(TINY_CONFIGS["qwen2"], tmp / "qwen2")
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(5))
+    logits = {}
+    for name, config in ADAPTERS.items():
+        model = peft_model("llama", dict(config, init_lora_weights=False))
+        model.save_pretrained(tmp / "peft" / name)
+        with torch.no_grad():
+            logits[name] = model(ids).logits
+    torch.save({"ids": ids, "logits": logits}, tmp / "refs.pt")
+    return {"llama": str(tmp / "llama"), "qwen2": str(tmp / "qwen2")}
+
+
+def _refs(ctx):
+    return torch.load(Path(ctx.tmp) / "refs.pt")
+
+
+def _peft_dir(ctx, name):
+    return Path(ctx.tmp) / "peft" / name
+
+
+def _imported(ctx, name):
+    model = models.from_pretrained(ctx.data["llama"])
+    dl.import_peft(model, _peft_dir(ctx, name))
+    return model
+
+
+def _same_files(a: Path, b: Path) -> None:
+    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    extra = {k for k in x if k.endswith("base_layer.weight")}  # base weights PEFT stores beside embedding LoRA
+    assert sorted(set(x) - extra) == sorted(y), sorted(set(x) ^ set(y))
+    for key in y:
+        assert torch.equal(x[key], y[key]), key
+    assert not any(s in k for k in y for s in ("linear_qkv", "linear_fc1", "base_layer.weight")), "fused or base keys"
+
+
+@check("tp2", "pp2", "tp2-pp2")
+def peft_adapters_import_with_peft_logits(ctx):
+    refs = _refs(ctx)
+    for name in ADAPTERS:
+        logits = models.logits(_imported(ctx, name), refs["ids"])
+        assert rel_error(logits, refs["logits"][name]) <= 1e-5, name
+
+
+@check("tp2", "tp2-pp2")
+def exports_load_in_peft_with_the_same_logits_and_bit_exact_tensors(ctx):
+    refs = _refs(ctx)
+    for name in ADAPTERS:
+        out = Path(ctx.tmp) / f"export_{name}_{ctx.layout.name}"
+        dl.export_peft(_imported(ctx, name), out, base_model_name_or_path="tiny-llama")
+        if ctx.groups.rank == 0:
+            import peft
+
+            _same_files(_peft_dir(ctx, name), out)
+            loaded = peft.PeftModel.from_pretrained(hf_model(TINY_CONFIGS["llama"]), out).eval()
+            with torch.no_grad():
+                assert rel_error(loaded(refs["ids"]).logits, refs["logits"][name]) <= 1e-5, name
+            assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llama"
+        barrier()
+
+
+@check("tp2", "tp4", "tp1")
+def resharding_tp2_tp4_tp1_is_bit_exact(ctx):
+    """tp2 saves; tp4 loads that and saves again; tp1 loads, and both the live export and the
+    offline export of the checkpoint equal PEFT's original files bit for bit."""
+    base = Path(ctx.tmp)
+    for name in ("dora", "embed_and_saved_lm_head", "rslora_patterns"):
+        if ctx.layout.tp == 2:
+            dl.save_adapter(_imported(ctx, name), base / f"ckpt_{name}_tp2")
+            continue
+        model = models.from_pretrained(ctx.data["llama"])
+        source = base / (f"ckpt_{name}_tp2" if ctx.layout.tp == 4 else f"ckpt_{name}_tp4")
+        dl.load_adapter(model, source)
+        if ctx.layout.tp == 4:
+            dl.save_adapter(model, base / f"ckpt_{name}_tp4")
+            continue
+        dl.export_peft(model, base / f"roundtrip_{name}")
+        if ctx.groups.rank == 0:
+            _same_files(_peft_dir(ctx, name), base / f"roundtrip_{name}")
+            dl.export_peft(source, base / f"offline_{name}")  # no process group needed
+            _same_files(_peft_dir(ctx, name), base / f"offline_{name}")
+        barrier()
+
+
+@check("tp2-pp2")
+def sharded_checkpoint_reloads_across_pipeline_stages(ctx):
+    refs = _refs(ctx)
+    model = _imported(ctx, "all_linear")
+    path = Path(ctx.tmp) / "ckpt_pp"
+    dl.save_adapter(model, path)
+    manifest = dl.checkpoint.read_manifest(path)
+    assert manifest["layout"] == {"tp": 2, "pp": 2} and len(manifest["files"]) == 4
+    fresh = models.from_pretrained(ctx.data["llama"])
+    dl.load_adapter(fresh, path)
+    assert rel_error(models.logits(fresh, refs["ids"]), refs["logits"]["all_linear"]) <= 1e-5
+    with pytest.raises(RankError, match="exists; pass overwrite=True"):
+        dl.save_adapter(model, path)
+
+
+def _broken_copies(ctx, source: Path) -> dict[str, Path]:
+    root = Path(ctx.tmp) / f"broken_{ctx.layout.name}"
+    cases = {}
+    if ctx.groups.rank == 0:
+        shard = "adapter-tp01-pp00.safetensors"
+        for case in ("corrupted", "truncated", "missing_shard", "outside", "pickle"):
+            shutil.copytree(source, root / case)
+        data = bytearray((root / "corrupted" / shard).read_bytes())
+        data[-10] ^= 0xFF
+        (root / "corrupted" / shard).write_bytes(bytes(data))
+        (root / "truncated" / shard).write_bytes((root / "truncated" / shard).read_bytes()[:-64])
+        (root / "missing_shard" / shard).unlink()
+        manifest = json.loads((root / "outside" / "manifest.json").read_text())
+        manifest["files"]["../escape.safetensors"] = manifest["files"].pop(shard)
+        (root / "outside" / "manifest.json").write_text(json.dumps(manifest))
+        torch.save({"not": "safetensors"}, root / "pickle" / shard)
+        from dist_lora.checkpoint.sharded import sha256_of
+
+        manifest = json.loads((root / "pickle" / "manifest.json").read_text())
+        manifest["files"][shard]["sha256"] = sha256_of(root / "pickle" / shard)  # passes the checksum
+        (root / "pickle" / "manifest.json").write_text(json.dumps(manifest))
+    barrier()
+    return {case: root / case for case in ("corrupted", "truncated", "missing_shard", "outside", "pickle")}
+
+
+@check("tp2")
+def bad_checkpoints_fail_on_every_rank_and_change_nothing(ctx):
+    source = Path(ctx.tmp) / "ckpt_bad_source"
+    dl.save_adapter(_imported(ctx, "q_v"), source)
+    expected = {
+        "corrupted": "checksum mismatch", "truncated": "checksum mismatch", "missing_shard": "is missing",
+        "outside": "points outside", "pickle": "not a readable safetensors file",
+    }
+    model = _imported(ctx, "q_v")
+    before = {k: v.clone() for k, v in dl.adapter_state_dict(model).items()}
+    for case, path in _broken_copies(ctx, source).items():
+        listing = sorted(p.name for p in path.iterdir())
+        with pytest.raises((RankError, ValueError, FileNotFoundError), match=expected[case]):
+            dl.load_adapter(model, path)
+        after = dl.adapter_state_dict(model)
+        assert all(torch.equal(before[k], after[k]) for k in before), case
+        assert sorted(p.name for p in path.iterdir()) == listing, f"{case}: files changed"
+    other = models.from_pretrained(ctx.data["qwen2"])
+    dl.apply_lora(other, dl.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    qwen_ckpt = Path(ctx.tmp) / "ckpt_qwen"
+    dl.save_adapter(other, qwen_ckpt)
+    with pytest.raises((RankError, ValueError), match="another model"):
+        dl.load_adapter(model, qwen_ckpt)
+    messages = all_gather_object("ok")
+    assert messages == ["ok"] * ctx.world_size
+
+
+test_checkpoint_distributed = distributed_tests(__name__, world_size=4, prepare=prepare)
