@@ -1,19 +1,85 @@
-"""The ``dist-lora`` command line."""
+"""The ``dist-lora`` command line.
+
+    dist-lora inspect CKPT                 layout, adapter, ranks, parameter counts, checksums
+    dist-lora convert CKPT OUT [--base-model NAME] [--overwrite]
+                                           sharded checkpoint -> PEFT adapter directory
+
+Both run in one process without a process group.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+from pathlib import Path
 
 from dist_lora import __version__
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dist-lora", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"dist-lora {__version__}")
-    parser.parse_args(argv)
-    parser.print_help()
+def _inspect(args) -> int:
+    from tqdm import tqdm
+
+    from dist_lora.checkpoint.sharded import read_manifest, sha256_of
+
+    path = Path(args.path)
+    manifest = read_manifest(path)
+    config = manifest["adapter_config"]
+    tensors = manifest["tensors"]
+    params = sum(math.prod(m["shape"]) for m in tensors.values())
+    ranks = sorted({m["shape"][0] for m in tensors.values() if m["role"] == "lora_A"})
+    print(f"checkpoint   {path}")
+    print(f"layout       TP={manifest['layout']['tp']} PP={manifest['layout']['pp']}, {len(manifest['files'])} shard files")
+    print(f"adapter      {manifest['adapter_name']}: r={config['r']} lora_alpha={config['lora_alpha']} "
+          f"dora={config['use_dora']} rslora={config['use_rslora']} ranks used={ranks}")
+    print(f"target       {config['target_modules']}")
+    model = manifest.get("model_config") or {}
+    print(f"base model   {model.get('model_type', '?')} hidden={model.get('hidden_size', '?')} "
+          f"layers={model.get('num_hidden_layers', '?')}")
+    roles = {}
+    for meta in tensors.values():
+        roles[meta["role"]] = roles.get(meta["role"], 0) + 1
+    print(f"tensors      {len(tensors)} ({', '.join(f'{k}: {v}' for k, v in sorted(roles.items()))}), "
+          f"{params:,} parameters")
+    bad = 0
+    for file, info in tqdm(sorted(manifest["files"].items()), desc="verifying", disable=not args.progress):
+        ok = (path / file).is_file() and sha256_of(path / file) == info["sha256"]
+        bad += not ok
+        print(f"  {file}  sha256 {info['sha256'][:16]}…  {'ok' if ok else 'MISMATCH or missing'}")
+    if args.json:
+        print(json.dumps({"parameters": params, "tensors": len(tensors), "bad_files": bad}))
+    return 1 if bad else 0
+
+
+def _convert(args) -> int:
+    from dist_lora.checkpoint.peft_format import export_peft
+
+    out = export_peft(Path(args.src), Path(args.dst), base_model_name_or_path=args.base_model,
+                      overwrite=args.overwrite)
+    print(f"wrote PEFT adapter to {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dist-lora", description="dist_lora checkpoint tools")
+    parser.add_argument("--version", action="version", version=f"dist-lora {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    inspect = sub.add_parser("inspect", help="describe and verify a sharded adapter checkpoint")
+    inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true", help="also print a JSON summary line")
+    inspect.add_argument("--no-progress", dest="progress", action="store_false")
+    convert = sub.add_parser("convert", help="sharded checkpoint -> PEFT adapter directory")
+    convert.add_argument("src")
+    convert.add_argument("dst")
+    convert.add_argument("--base-model", default=None, help="base_model_name_or_path for adapter_config.json")
+    convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    args = parser.parse_args(argv)
+    try:
+        return {"inspect": _inspect, "convert": _convert}[args.command](args)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"dist-lora {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

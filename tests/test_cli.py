@@ -1,0 +1,44 @@
+"""The dist-lora command line on a checkpoint of a plain (single-process) model."""
+
+from __future__ import annotations
+
+import peft
+import torch
+from safetensors.torch import load_file
+
+import dist_lora as dl
+from dist_lora.cli import main
+from dist_lora.testing.tiny import TINY_CONFIGS, hf_model
+
+
+def _checkpoint(tmp_path):
+    model = hf_model(TINY_CONFIGS["llama"])
+    dl.apply_lora(model, dl.LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    dl.save_adapter(model, tmp_path / "ckpt")
+    return model
+
+
+def test_inspect_reports_and_verifies(tmp_path, capsys):
+    _checkpoint(tmp_path)
+    assert main(["inspect", str(tmp_path / "ckpt"), "--no-progress", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "TP=1 PP=1" in out and "r=4" in out and "dora=True" in out and " ok" in out
+    shard = next((tmp_path / "ckpt").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-8] + b"\x00" * 8)
+    assert main(["inspect", str(tmp_path / "ckpt"), "--no-progress"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+
+
+def test_convert_writes_a_peft_adapter_and_never_overwrites(tmp_path, capsys):
+    model = _checkpoint(tmp_path)
+    out = tmp_path / "peft"
+    assert main(["convert", str(tmp_path / "ckpt"), str(out), "--base-model", "tiny"]) == 0
+    loaded = peft.PeftModel.from_pretrained(hf_model(TINY_CONFIGS["llama"]), out).eval()
+    ids = torch.randint(0, 101, (1, 6))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+    before = load_file(out / "adapter_model.safetensors")
+    assert main(["convert", str(tmp_path / "ckpt"), str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert load_file(out / "adapter_model.safetensors").keys() == before.keys()
+    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
