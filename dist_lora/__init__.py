@@ -7,7 +7,14 @@ collectives live in ``dist_lora.models`` and ``dist_lora.parallel``.
 __version__ = "0.1.0"
 
 from dist_lora.apply import add_adapter, apply_lora
-from dist_lora.checkpoint import export_peft, import_peft, load_adapter, save_adapter
+from dist_lora.checkpoint import (
+    export_peft,
+    import_peft,
+    load_adapter,
+    load_training_state,
+    save_adapter,
+    save_training_state,
+)
 from dist_lora.config import LoraConfig
 from dist_lora.management import (
     active_adapters,
@@ -38,9 +45,11 @@ __all__ = [
     "export_peft",
     "import_peft",
     "load_adapter",
+    "load_training_state",
     "merge_adapter",
     "merge_and_unload",
     "save_adapter",
+    "save_training_state",
     "set_adapter",
     "set_adapter_state_dict",
     "unload",

@@ -26,7 +26,7 @@ def _inspect(args) -> int:
     path = Path(args.path)
     manifest = read_manifest(path)
     config = manifest["adapter_config"]
-    tensors = manifest["tensors"]
+    tensors = {k: m for k, m in manifest["tensors"].items() if not m["role"].startswith("optim.")}
     params = sum(math.prod(m["shape"]) for m in tensors.values())
     ranks = sorted({m["shape"][0] for m in tensors.values() if m["role"] == "lora_A"})
     print(f"checkpoint   {path}")
@@ -37,6 +37,9 @@ def _inspect(args) -> int:
     model = manifest.get("model_config") or {}
     print(f"base model   {model.get('model_type', '?')} hidden={model.get('hidden_size', '?')} "
           f"layers={model.get('num_hidden_layers', '?')}")
+    if "training" in manifest:
+        t = manifest["training"]
+        print(f"training     step {t['step']}, data position {t['data_position']}, {t['optimizer']} state")
     roles = {}
     for meta in tensors.values():
         roles[meta["role"]] = roles.get(meta["role"], 0) + 1

@@ -171,16 +171,18 @@ def dropout_training_keeps_replicated_factors_identical(ctx):
     every TP rank, or A's gradient (and then A) differs between ranks."""
     from dist_lora.models.training import finalize_grads, forward_backward
 
-    model = models.from_pretrained(ctx.data["llama"])
-    dl.apply_lora(model, dl.LoraConfig(r=4, lora_dropout=0.3, target_modules="all-linear", init_lora_weights=False))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = _ids()
-    for _ in range(2):
-        optimizer.zero_grad()
-        forward_backward(model, ids, ids)
-        finalize_grads(model)
-        optimizer.step()
-    dl.check_replicas(model)
+    for use_dora in (False, True):  # DoRA recomputes W x of the dropped-out input
+        model = models.from_pretrained(ctx.data["llama"])
+        dl.apply_lora(model, dl.LoraConfig(r=4, lora_dropout=0.3, target_modules="all-linear", use_dora=use_dora,
+                                           init_lora_weights=False))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        ids = _ids()
+        for _ in range(2):
+            optimizer.zero_grad()
+            forward_backward(model, ids, ids)
+            finalize_grads(model)
+            optimizer.step()
+        dl.check_replicas(model)
 
 
 def _unchanged(model, before: dict) -> None:

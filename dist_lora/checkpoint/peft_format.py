@@ -98,6 +98,8 @@ def _export_checkpoint(path: Path, out_dir: Path, base: str | None, overwrite: b
     reader = ShardReader(path, manifest)
     plan, ranks, saved = [], {}, []
     for key, meta in manifest["tensors"].items():
+        if meta["role"].startswith("optim."):  # optimizer state of a training checkpoint
+            continue
         names = tuple(meta["hf_names"])
         shapes = split_fused(meta["fused"], torch.empty(meta["shape"], device="meta"), names, spec,
                              shared=meta["role"] == "lora_A")

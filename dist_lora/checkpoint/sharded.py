@@ -63,6 +63,17 @@ def save_adapter(model, path: str | Path, adapter_name: str = "default", overwri
 
     Collective over all ranks. Raises on every rank, leaving ``path`` untouched, on failure.
     """
+    write_sharded(model, path, adapter_name, entries(model, adapter_name), overwrite)
+
+
+def write_sharded(model, path: str | Path, adapter_name: str, mine: list[Entry], overwrite: bool,
+                  rank_files: dict[str, dict[str, torch.Tensor]] | None = None,
+                  extra: dict | None = None) -> None:
+    """Collective: write ``mine`` (this rank's entries) as shard files plus the manifest.
+
+    ``rank_files``: per-rank safetensors files written by every rank (not only DP replica 0),
+    e.g. RNG states; ``extra``: JSON-serialisable additions to the manifest (written by rank 0).
+    """
     path = Path(path)
     config = require_adapter(model, adapter_name)
     lay = _layout(model)
@@ -72,47 +83,47 @@ def save_adapter(model, path: str | Path, adapter_name: str = "default", overwri
             check_target(path, overwrite)
         except FileExistsError as err:
             error = err
-    raise_if_any(error, what=f"saving adapter to {path}")
+    raise_if_any(error, what=f"saving to {path}")
     tmp = Path(broadcast_object(str(temporary_sibling(path)) if group_rank() == 0 else None))
     try:
-        mine = entries(model, adapter_name)
         writer = lay["dp_rank"] == 0
         stored = [e for e in mine if writer and (e.layout.dim is not None or lay["tp_rank"] == 0)]
         file = f"adapter-tp{lay['tp_rank']:02d}-pp{lay['pp_rank']:02d}.safetensors"
-        error, digest = None, None
-        if stored:
-            try:
+        error, digests = None, {}
+        try:
+            if stored:
                 save_file({e.key: e.param.detach().contiguous() for e in stored}, str(tmp / file),
                           metadata={"format": "pt"})
-                digest = sha256_of(tmp / file)
-            except OSError as err:
-                error = err
-        raise_if_any(error, what=f"saving adapter to {path}")
-        parts = all_gather_object((file, lay["tp_rank"], digest, [(e.key, e.describe()) for e in stored]))
+                digests[file] = sha256_of(tmp / file)
+            for name, tensors in (rank_files or {}).items():
+                save_file(tensors, str(tmp / name), metadata={"format": "pt"})
+                digests[name] = sha256_of(tmp / name)
+        except OSError as err:
+            error = err
+        raise_if_any(error, what=f"saving to {path}")
+        parts = all_gather_object((file, lay["tp_rank"], digests, [(e.key, e.describe()) for e in stored]))
         if group_rank() == 0:
             try:
-                _write_manifest(tmp, parts, config, adapter_name, lay)
+                _write_manifest(tmp, parts, config, adapter_name, lay, extra or {})
                 publish(tmp, path)
             except OSError as err:
                 error = err
-        raise_if_any(error, what=f"saving adapter to {path}")
+        raise_if_any(error, what=f"saving to {path}")
     finally:
         if group_rank() == 0 and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_manifest(tmp: Path, parts, config: LoraConfig, adapter_name: str, lay: dict) -> None:
+def _write_manifest(tmp: Path, parts, config: LoraConfig, adapter_name: str, lay: dict, extra: dict) -> None:
     tensors, files = {}, {}
-    for file, tp_rank, digest, described in parts:
-        if digest is None:
-            continue
-        files[file] = {"sha256": digest}
+    for file, tp_rank, digests, described in parts:
+        files.update({name: {"sha256": digest} for name, digest in digests.items()})
         for key, meta in described:
             entry = tensors.setdefault(key, {**meta, "files": {}})
             entry["files"][file] = tp_rank
     manifest = {"format": FORMAT, "adapter_name": adapter_name, "adapter_config": config.to_dict(),
                 "layout": {"tp": lay["tp"], "pp": lay["pp"]}, "model_config": lay["model_config"],
-                "files": dict(sorted(files.items())), "tensors": dict(sorted(tensors.items()))}
+                "files": dict(sorted(files.items())), "tensors": dict(sorted(tensors.items())), **extra}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
@@ -157,10 +168,10 @@ class ShardReader:
         return self.handles[file]
 
     def read(self, file: str, key: str, dim: int | None = None, start: int = 0, length: int | None = None):
-        piece = self.handle(file).get_slice(key)
         if dim is None:
-            tensor = piece[:]
+            tensor = self.handle(file).get_tensor(key)
         else:
+            piece = self.handle(file).get_slice(key)
             index = [slice(None)] * len(piece.get_shape())
             index[dim] = slice(start, start + length)
             tensor = piece[tuple(index)]
@@ -234,7 +245,7 @@ def load_adapter(model, path: str | Path, adapter_name: str = "default") -> None
         for e, tensor in staged:
             e.param.copy_(tensor)
     used = set().union(*all_gather_object({e.key for e in mine}))
-    unused = sorted(set(manifest["tensors"]) - used)
+    unused = sorted(k for k, m in manifest["tensors"].items() if k not in used and not m["role"].startswith("optim."))
     if unused:
         raise ValueError(f"the checkpoint has tensors this model's adapter does not have: {unused[:5]} "
                          f"(was it saved from another model or config?)")

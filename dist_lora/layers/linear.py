@@ -129,7 +129,9 @@ class LoraLinear(AdapterLayer):
         shard, group = self.shard, self.shard.tp_group
         weight = self._read_rows(slot)
         if shard.kind == "column":
-            x = gather_first_dim(x, group) if shard.sequence_parallel else x
+            # W_i x is this rank's rows only, so x's gradient from it is partial: copy_to_group
+            # all-reduces it (the gather's backward reduce-scatters it under SP).
+            x = gather_first_dim(x, group) if shard.sequence_parallel else copy_to_group(x, group)
             return F.linear(x, weight)
         if not shard.input_is_parallel:
             x = split_last_dim(x, group)

@@ -1,0 +1,115 @@
+"""Training checkpoints: the adapter plus optimizer state, step, data position and RNG states.
+
+Optimizer state tensors shaped like their parameter (AdamW's ``exp_avg`` / ``exp_avg_sq``) are
+stored and resharded exactly like the parameter (key ``<param key>.optim.<name>``); scalar
+state (``step``) is stored replicated. Every rank also writes its RNG states (CPU generator and
+Megatron's tracker) to ``rng-rank<R>.safetensors``; they are restored when the job has the same
+layout, so a resumed run continues with bit-identical losses on CPU, and skipped with a warning
+when the layout changed (the streams of a different layout cannot be the same anyway).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from dist_lora.checkpoint.entries import entries
+from dist_lora.checkpoint.sharded import ShardReader, load_adapter, read_manifest, write_sharded
+from dist_lora.layers.sharding import FactorLayout
+from dist_lora.parallel.collectives import group_rank, group_size, raise_if_any
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    try:
+        from megatron.core.tensor_parallel import random as mpu_random
+
+        tracker = mpu_random.get_cuda_rng_tracker()
+        states.update({f"tracker.{name}": state for name, state in tracker.get_states().items()})
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_rng_states(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    tracked = {k[len("tracker."):]: v for k, v in states.items() if k.startswith("tracker.")}
+    if tracked:
+        from megatron.core.tensor_parallel import random as mpu_random
+
+        mpu_random.get_cuda_rng_tracker().set_states(tracked)
+
+
+def _optimizer_entries(model, optimizer, adapter_name: str):
+    out = []
+    for e in entries(model, adapter_name):
+        for name, value in optimizer.state.get(e.param, {}).items():
+            if not torch.is_tensor(value):
+                raise TypeError(f"optimizer state {name!r} of {e.key} is not a tensor; cannot checkpoint it")
+            if value.shape == e.param.shape:
+                out.append(replace(e, key=f"{e.key}.optim.{name}", param=value, role=f"optim.{name}"))
+            else:
+                out.append(replace(e, key=f"{e.key}.optim.{name}", param=value.reshape(()) if value.numel() == 1 else value,
+                                   layout=FactorLayout(), shape=tuple(value.shape), role=f"optim.{name}"))
+    return out
+
+
+def save_training_state(model, optimizer: torch.optim.Optimizer, path: str | Path, step: int,
+                        data_position=None, adapter_name: str = "default", overwrite: bool = False,
+                        extra: dict | None = None) -> None:
+    """Collective: the adapter, ``optimizer``'s state of its parameters, ``step``,
+    ``data_position`` and ``extra`` (JSON-serialisable, e.g. a scheduler's ``state_dict``), and
+    every rank's RNG states, written atomically to ``path``."""
+    mine = entries(model, adapter_name) + _optimizer_entries(model, optimizer, adapter_name)
+    rank = group_rank()
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    training = {"step": step, "data_position": data_position, "world_size": group_size(),
+                "optimizer": type(optimizer).__name__, "param_groups": hyper, "extra": extra or {}}
+    write_sharded(model, path, adapter_name, mine, overwrite,
+                  rank_files={f"rng-rank{rank:05d}.safetensors": _rng_states()}, extra={"training": training})
+
+
+def load_training_state(model, optimizer: torch.optim.Optimizer, path: str | Path,
+                        adapter_name: str = "default") -> dict:
+    """Collective: restore what ``save_training_state`` wrote onto this layout; returns the
+    ``training`` record (``step``, ``data_position``, ``extra``, ...)."""
+    path = Path(path)
+    load_adapter(model, path, adapter_name)
+    manifest, error = read_manifest(path), None
+    training = manifest.get("training")
+    staged = []
+    try:
+        if training is None:
+            raise ValueError(f"{path} holds an adapter but no training state (saved with save_adapter?)")
+        if training["optimizer"] != type(optimizer).__name__:
+            raise ValueError(f"{path} holds {training['optimizer']} state, not {type(optimizer).__name__}")
+        reader = ShardReader(path, manifest)
+        for e in entries(model, adapter_name):
+            for key, meta in manifest["tensors"].items():
+                if not key.startswith(f"{e.key}.optim."):
+                    continue
+                name = key[len(e.key) + len(".optim."):]
+                local = tuple(e.param.shape) if meta["dim"] is not None else tuple(meta["shape"])
+                staged.append((e.param, name, reader.local_shard(key, e.tp, e.rank, local)))
+    except (OSError, ValueError, KeyError) as err:
+        error = err
+    raise_if_any(error, what=f"loading training state from {path}")
+    for param, name, tensor in staged:
+        optimizer.state[param][name] = tensor.to(param.dtype) if tensor.dim() else tensor
+    rng_file = path / f"rng-rank{group_rank():05d}.safetensors"
+    same_layout = training["world_size"] == group_size() and rng_file.is_file()
+    if same_layout:
+        reader = ShardReader(path, manifest)
+        reader.handle(rng_file.name)  # checks its sha256
+        _set_rng_states(load_file(rng_file))
+    else:
+        warnings.warn("the job's layout differs from the saved one; RNG states were not restored", stacklevel=2)
+    return training
