@@ -3,6 +3,8 @@
     dist-lora inspect CKPT                 layout, adapter, ranks, parameter counts, checksums
     dist-lora convert CKPT OUT [--base-model NAME] [--overwrite]
                                            sharded checkpoint -> PEFT adapter directory
+    dist-lora merge --base HF_DIR --adapter ADAPTER --out DIR [--overwrite]
+                                           Hugging Face checkpoint with the adapter merged
 
 Both run in one process without a process group.
 """
@@ -64,6 +66,15 @@ def _convert(args) -> int:
     return 0
 
 
+def _merge(args) -> int:
+    from dist_lora.checkpoint.merge_release import merge_release
+
+    out = merge_release(args.base, args.adapter, args.out, max_shard_size=int(args.max_shard_size_gb * 1024**3),
+                        overwrite=args.overwrite, progress=args.progress)
+    print(f"wrote merged model to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dist-lora", description="dist_lora checkpoint tools")
     parser.add_argument("--version", action="version", version=f"dist-lora {__version__}")
@@ -77,9 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("dst")
     convert.add_argument("--base-model", default=None, help="base_model_name_or_path for adapter_config.json")
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    merge = sub.add_parser("merge", help="write a Hugging Face checkpoint with an adapter merged in")
+    merge.add_argument("--base", required=True, help="Hugging Face model directory (safetensors)")
+    merge.add_argument("--adapter", required=True, help="PEFT adapter directory or dist_lora sharded checkpoint")
+    merge.add_argument("--out", required=True)
+    merge.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    merge.add_argument("--no-progress", dest="progress", action="store_false")
     args = parser.parse_args(argv)
     try:
-        return {"inspect": _inspect, "convert": _convert}[args.command](args)
+        return {"inspect": _inspect, "convert": _convert, "merge": _merge}[args.command](args)
     except (OSError, ValueError, KeyError) as err:
         print(f"dist-lora {args.command}: error: {err}", file=sys.stderr)
         return 2

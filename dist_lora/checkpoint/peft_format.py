@@ -88,14 +88,11 @@ def _is_saved_module(key: str) -> bool:
     return key.endswith(".weight") and ".lora_" not in key
 
 
-def _export_checkpoint(path: Path, out_dir: Path, base: str | None, overwrite: bool) -> Path:
-    """Sharded checkpoint -> PEFT files, in this process, one global tensor at a time."""
+def _checkpoint_plan(manifest: dict, config: LoraConfig):
+    """(plan, ranks, saved): every PEFT tensor of a sharded checkpoint, from the manifest alone."""
     from dist_lora.models.spec import spec_from_config
 
-    manifest = read_manifest(path)
-    config = LoraConfig.from_dict(manifest["adapter_config"])
     spec = spec_from_config(manifest["model_config"]) if manifest["model_config"] else None
-    reader = ShardReader(path, manifest)
     plan, ranks, saved = [], {}, []
     for key, meta in manifest["tensors"].items():
         if meta["role"].startswith("optim."):  # optimizer state of a training checkpoint
@@ -112,19 +109,42 @@ def _export_checkpoint(path: Path, out_dir: Path, base: str | None, overwrite: b
         if meta["role"] == "modules_to_save":
             saved += list(names)
     plan.sort(key=lambda p: p[2])
+    return plan, ranks, sorted(saved), spec
+
+
+def checkpoint_tensors(path: str | Path):
+    """(PEFT config dict, iterator of (PEFT key, tensor)) of a sharded checkpoint, one global
+    tensor (and its per-projection split) in memory at a time."""
+    manifest = read_manifest(path)
+    config = LoraConfig.from_dict(manifest["adapter_config"])
+    plan, ranks, saved, spec = _checkpoint_plan(manifest, config)
+    reader = ShardReader(Path(path), manifest)
+
+    def tensors():
+        current_key, split = None, {}
+        for key, hf, out_key, _, _ in plan:
+            if key != current_key:
+                meta = manifest["tensors"][key]
+                split = split_fused(meta["fused"], reader.global_tensor(key), tuple(meta["hf_names"]), spec,
+                                    shared=meta["role"] == "lora_A")
+                current_key = key
+            yield out_key, split[hf].contiguous()
+
+    return _peft_config(config, ranks, saved, None), plan, tensors()
+
+
+def _export_checkpoint(path: Path, out_dir: Path, base: str | None, overwrite: bool) -> Path:
+    """Sharded checkpoint -> PEFT files, in this process, one global tensor at a time."""
+    manifest = read_manifest(path)
+    config, plan, tensors = checkpoint_tensors(path)
+    if base is not None:
+        config["base_model_name_or_path"] = base
     target = _out_dir(out_dir, manifest["adapter_name"])
     with atomic_directory(target, overwrite) as tmp:
-        writer = StreamWriter(tmp / WEIGHTS, [(k, d, s) for _, _, k, d, s in plan], metadata={"format": "pt"})
-        by_source: dict[str, dict[str, torch.Tensor]] = {}
-        with writer:
-            for key, hf, out_key, _, _ in plan:
-                if key not in by_source:  # one global tensor (and its split) in memory at a time
-                    meta = manifest["tensors"][key]
-                    full = reader.global_tensor(key)
-                    by_source = {key: split_fused(meta["fused"], full, tuple(meta["hf_names"]), spec,
-                                                  shared=meta["role"] == "lora_A")}
-                writer.write(out_key, by_source[key][hf].contiguous())
-        (tmp / CONFIG).write_text(json.dumps(_peft_config(config, ranks, sorted(saved), base), indent=2, sort_keys=True))
+        with StreamWriter(tmp / WEIGHTS, [(k, d, s) for _, _, k, d, s in plan], metadata={"format": "pt"}) as writer:
+            for key, tensor in tensors:
+                writer.write(key, tensor)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     return target
 
 

@@ -1,0 +1,152 @@
+"""Merged release: a Hugging Face checkpoint with an adapter folded into its base weights.
+
+The base is streamed tensor by tensor (one base tensor and its merged copy in memory); the
+adapter (a PEFT directory or a dist_lora sharded checkpoint) is small and read whole. Merging
+follows PEFT's ``merge_and_unload``: ``W + s B A`` (LoRA / rsLoRA, per-module rank and alpha),
+``m / ||W + s B A||_row * (W + s B A)`` (DoRA), ``E + s (B A)^T`` (embeddings), ``lora_B.bias``
+into the base bias, ``modules_to_save`` and trained base biases replacing the originals. The
+output is sharded into files of at most ``max_shard_size`` bytes with an index when it needs
+more than one, and appears atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from dist_lora.checkpoint.atomic import atomic_directory
+from dist_lora.checkpoint.stream_writer import StreamWriter
+from dist_lora.config import LoraConfig
+from dist_lora.models.hf_checkpoint import INDEX, SINGLE, HFCheckpoint
+from dist_lora.peft_names import PREFIX
+from dist_lora.targets import pattern_value
+
+_COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+           "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Config and PEFT-keyed tensors of a PEFT directory or a dist_lora sharded checkpoint."""
+    from dist_lora.checkpoint.peft_format import checkpoint_tensors, read_peft
+    from dist_lora.checkpoint.sharded import MANIFEST
+
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        config, _, tensors = checkpoint_tensors(path)
+        return LoraConfig.from_dict(config), dict(tensors)
+    return read_peft(path)
+
+
+def _modules(config: LoraConfig, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """HF module name -> its adapter tensors (by role) and scaling."""
+    roles = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "lora_bias",
+             "lora_magnitude_vector": "m", "lora_embedding_A": "emb_A", "lora_embedding_B": "emb_B"}
+    out: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        for suffix, role in roles.items():
+            if name.endswith("." + suffix):
+                out.setdefault(name[: -len(suffix) - 1], {})[role] = tensor
+                break
+    for module, parts in out.items():
+        r = (parts.get("A") if "A" in parts else parts["emb_A"]).shape[0]
+        alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
+        parts["scaling"] = config.scaling_for(r, alpha)
+    return out
+
+
+def _replacements(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Base tensors an adapter replaces outright: modules_to_save weights and trained biases."""
+    out = {}
+    for key, tensor in tensors.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if ".lora_" in name or name.endswith("base_layer.weight"):
+            continue
+        out[name.replace(".base_layer.bias", ".bias")] = tensor
+    return out
+
+
+def merged_tensor(name: str, weight: torch.Tensor, modules: dict, replace: dict) -> torch.Tensor:
+    """The released value of base tensor ``name``."""
+    if name in replace:
+        return replace[name].to(weight.dtype)
+    module, _, leaf = name.rpartition(".")
+    parts = modules.get(module)
+    if parts is None:
+        return weight
+    s = parts["scaling"]
+    if leaf == "bias":
+        return (weight.float() + s * parts["lora_bias"].float()).to(weight.dtype) if "lora_bias" in parts else weight
+    w = weight.float()
+    if "emb_A" in parts:
+        return (w + s * (parts["emb_B"].float() @ parts["emb_A"].float()).t()).to(weight.dtype)
+    merged = w + s * (parts["B"].float() @ parts["A"].float())
+    if "m" in parts:
+        norm = torch.linalg.norm(merged, dim=1)
+        merged = (parts["m"].float() / norm).unsqueeze(1) * merged
+    return merged.to(weight.dtype)
+
+
+def merge_release(base_dir: str | Path, adapter: str | Path, out_dir: str | Path,
+                  max_shard_size: int = 5 * 1024**3, overwrite: bool = False, progress: bool = True) -> Path:
+    """Write ``base_dir`` with ``adapter`` merged into ``out_dir``; returns ``out_dir``."""
+    from tqdm import tqdm
+
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    config, tensors = read_adapter(adapter)
+    base_config = json.loads((base_dir / "config.json").read_text())
+    modules, replace = _modules(config, tensors), _replacements(tensors)
+    reader = HFCheckpoint(base_dir)
+    names = reader.names()
+    tied = base_config.get("tie_word_embeddings", False)
+    if tied and any(m.endswith(("lm_head", "embed_tokens")) for m in list(modules) + list(replace)):
+        raise ValueError("the base ties lm_head to embed_tokens; merging an adapter on either would change both. "
+                         "Untie the embeddings in the base before releasing a merged model")
+    unknown = sorted(m for m in modules if f"{m}.weight" not in names)
+    if unknown:
+        raise ValueError(f"the adapter targets modules the base does not have: {unknown[:5]}")
+    sizes = {n: _nbytes(reader, n) for n in names}
+    files, current, size = [], [], 0
+    for name in names:
+        if current and size + sizes[name] > max_shard_size:
+            files.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += sizes[name]
+    files.append(current)
+    file_names = [SINGLE] if len(files) == 1 else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+                                                    for i in range(len(files))]
+    with atomic_directory(out_dir, overwrite) as tmp:
+        bar = tqdm(total=len(names), desc="merging", unit="tensor", disable=not progress)
+        for file, members in zip(file_names, files):
+            entries = [(n, _torch_dtype(reader.dtype_name(n)), reader.shape(n)) for n in members]
+            with StreamWriter(tmp / file, entries, metadata={"format": "pt"}) as writer:
+                for name in members:
+                    writer.write(name, merged_tensor(name, reader.read(name), modules, replace).contiguous())
+                    bar.update()
+        bar.close()
+        if len(files) > 1:
+            index = {"metadata": {"total_size": sum(sizes.values())},
+                     "weight_map": {n: f for f, members in zip(file_names, files) for n in members}}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(base_config, indent=2))
+        for extra in _COPIED:
+            if (base_dir / extra).is_file():
+                shutil.copy2(base_dir / extra, tmp / extra)
+    return out_dir
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"base tensors of dtype {name} are not supported in a merged release")
+    return _DTYPES[name]
+
+
+def _nbytes(reader: HFCheckpoint, name: str) -> int:
+    return int(torch.Size(reader.shape(name)).numel()) * torch.empty((), dtype=_torch_dtype(reader.dtype_name(name))).element_size()
