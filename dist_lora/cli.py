@@ -5,8 +5,10 @@
                                            sharded checkpoint -> PEFT adapter directory
     dist-lora merge --base HF_DIR --adapter ADAPTER --out DIR [--overwrite]
                                            Hugging Face checkpoint with the adapter merged
+    dist-lora verify --base HF_DIR --adapter ADAPTER
+                                           peft vs dist_lora logits on a sample
 
-Both run in one process without a process group.
+Each runs in one process (verify starts a one-rank process group of its own).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -75,6 +78,52 @@ def _merge(args) -> int:
     return 0
 
 
+def _verify(args) -> int:
+    """peft and dist_lora on the same base, adapter and sample: the largest logit difference."""
+    import tempfile
+
+    import torch
+
+    from dist_lora import models, parallel
+    from dist_lora.checkpoint import export_peft, import_peft, load_adapter
+    from dist_lora.checkpoint.sharded import MANIFEST
+
+    from dist_lora.checkpoint.sharded import read_manifest
+
+    adapter = Path(args.adapter)
+    sharded = (adapter / MANIFEST).is_file()
+    tmp = Path(tempfile.mkdtemp(prefix="dist_lora_verify_"))
+    peft_dir = export_peft(adapter, tmp / "peft") if sharded else adapter
+    parallel.initialize()
+    try:
+        model = models.from_pretrained(args.base)
+        if sharded and read_manifest(adapter)["model_config"]:
+            load_adapter(model, adapter)  # a Megatron checkpoint: load it as the training job would
+        else:
+            import_peft(model, peft_dir)
+        spec = model.dist_lora.spec
+        ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
+        ours = models.logits(model, ids)
+    finally:
+        parallel.shutdown()
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    try:
+        base = AutoModelForCausalLM.from_pretrained(args.base, attn_implementation="eager", dtype=torch.float32)
+        reference = peft.PeftModel.from_pretrained(base, peft_dir).eval()
+        with torch.no_grad():
+            theirs = reference(ids).logits.float()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    diff = (ours - theirs).abs().max().item()
+    scale = theirs.abs().max().item()
+    verdict = diff <= args.tolerance * max(1.0, scale)
+    print(f"max |logits(dist_lora) - logits(peft)| = {diff:.3e} (max |logit| {scale:.3f}) on a "
+          f"[{args.batch}, {args.seq}] sample: {'OK' if verdict else 'MISMATCH'}")
+    return 0 if verdict else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dist-lora", description="dist_lora checkpoint tools")
     parser.add_argument("--version", action="version", version=f"dist-lora {__version__}")
@@ -95,9 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--max-shard-size-gb", type=float, default=5.0)
     merge.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     merge.add_argument("--no-progress", dest="progress", action="store_false")
+    verify = sub.add_parser("verify", help="compare dist_lora and peft logits for an adapter on a base")
+    verify.add_argument("--base", required=True, help="Hugging Face model directory (safetensors)")
+    verify.add_argument("--adapter", required=True, help="PEFT adapter directory or dist_lora sharded checkpoint")
+    verify.add_argument("--batch", type=int, default=2)
+    verify.add_argument("--seq", type=int, default=32)
+    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--tolerance", type=float, default=1e-4, help="allowed max difference, relative to max |logit|")
     args = parser.parse_args(argv)
     try:
-        return {"inspect": _inspect, "convert": _convert, "merge": _merge}[args.command](args)
+        return {"inspect": _inspect, "convert": _convert, "merge": _merge, "verify": _verify}[args.command](args)
     except (OSError, ValueError, KeyError) as err:
         print(f"dist-lora {args.command}: error: {err}", file=sys.stderr)
         return 2

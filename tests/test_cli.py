@@ -42,3 +42,18 @@ def test_convert_writes_a_peft_adapter_and_never_overwrites(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert load_file(out / "adapter_model.safetensors").keys() == before.keys()
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+
+
+def test_verify_compares_with_peft(tmp_path, capsys):
+    from dist_lora.testing.tiny import save_tiny
+
+    save_tiny(TINY_CONFIGS["llama"], tmp_path / "base")
+    _checkpoint(tmp_path)
+    assert main(["verify", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "ckpt"), "--seq", "8"]) == 0
+    assert "OK" in capsys.readouterr().out
+    reference = peft.get_peft_model(hf_model(TINY_CONFIGS["llama"]),
+                                    peft.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False))
+    reference.save_pretrained(tmp_path / "peft")
+    assert main(["verify", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "peft"), "--seq", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "max |logits(dist_lora) - logits(peft)|" in out and "OK" in out

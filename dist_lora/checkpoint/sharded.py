@@ -258,7 +258,11 @@ _MODEL_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_
 def _check_same_model(model, manifest: dict, path: Path) -> None:
     """A checkpoint's source model must have this model's shapes (not just matching names)."""
     info = getattr(model, "dist_lora", None)
-    if info is None or not manifest.get("model_config"):
+    if (info is None) != (not manifest.get("model_config")):
+        saved = "a plain torch model" if info is not None else "a Megatron model"
+        raise ValueError(f"{path} was saved from {saved}, whose module names differ from this model's; "
+                         f"export it with `dist-lora convert` and load it with import_peft")
+    if info is None:
         return
     from dist_lora.models.spec import spec_from_config
 
