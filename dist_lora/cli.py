@@ -3,6 +3,8 @@
     dist-lora inspect CKPT                 layout, adapter, ranks, parameter counts, checksums
     dist-lora convert CKPT OUT [--base-model NAME] [--overwrite]
                                            sharded checkpoint -> PEFT adapter directory
+    dist-lora convert CKPT OUT --tp N --pp M
+                                           sharded checkpoint -> the same for another layout
     dist-lora merge --base HF_DIR --adapter ADAPTER --out DIR [--overwrite]
                                            Hugging Face checkpoint with the adapter merged
     dist-lora verify --base HF_DIR --adapter ADAPTER
@@ -61,6 +63,12 @@ def _inspect(args) -> int:
 
 
 def _convert(args) -> int:
+    if args.tp is not None or args.pp is not None:
+        from dist_lora.checkpoint.offline_reshard import reshard_checkpoint
+
+        out = reshard_checkpoint(args.src, args.dst, args.tp or 1, args.pp or 1, overwrite=args.overwrite)
+        print(f"wrote sharded checkpoint for TP={args.tp or 1} PP={args.pp or 1} to {out}")
+        return 0
     from dist_lora.checkpoint.peft_format import export_peft
 
     out = export_peft(Path(args.src), Path(args.dst), base_model_name_or_path=args.base_model,
@@ -132,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true", help="also print a JSON summary line")
     inspect.add_argument("--no-progress", dest="progress", action="store_false")
-    convert = sub.add_parser("convert", help="sharded checkpoint -> PEFT adapter directory")
+    convert = sub.add_parser("convert", help="sharded checkpoint -> PEFT adapter, or -> another TP / PP layout")
     convert.add_argument("src")
     convert.add_argument("dst")
+    convert.add_argument("--tp", type=int, default=None, help="re-lay the checkpoint for this TP size")
+    convert.add_argument("--pp", type=int, default=None, help="re-lay the checkpoint for this PP size")
     convert.add_argument("--base-model", default=None, help="base_model_name_or_path for adapter_config.json")
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     merge = sub.add_parser("merge", help="write a Hugging Face checkpoint with an adapter merged in")

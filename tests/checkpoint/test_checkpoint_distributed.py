@@ -226,4 +226,29 @@ def resume_continues_with_bit_identical_losses(ctx):
     assert first + rest == straight, (first + rest, straight)
 
 
+@check("tp2", "tp4", "tp2-pp2", "pp2")
+def offline_reshard_loads_on_the_new_layout_bit_exact(ctx):
+    """tp2 saves; rank 0 re-lays the checkpoint offline (`dist-lora convert --tp 4`, `--tp 2 --pp 2`,
+    `--pp 2`); the new layouts load it and export PEFT's original tensors bit for bit."""
+    from dist_lora.cli import main
+
+    base = Path(ctx.tmp)
+    targets = {"tp4": ["--tp", "4"], "tp2-pp2": ["--tp", "2", "--pp", "2"], "tp1-pp2": ["--pp", "2"]}
+    name = "dora"
+    if ctx.layout.name == "tp2":
+        dl.save_adapter(_imported(ctx, name), base / "offline_src")
+        if ctx.groups.rank == 0:
+            for layout, flags in targets.items():
+                assert main(["convert", str(base / "offline_src"), str(base / f"offline_{layout}"), *flags]) == 0
+        barrier()
+        return
+    model = models.from_pretrained(ctx.data["llama"])
+    dl.load_adapter(model, base / f"offline_{ctx.layout.name}")
+    out = base / f"offline_export_{ctx.layout.name}"
+    dl.export_peft(model, out)
+    if ctx.groups.rank == 0:
+        _same_files(_peft_dir(ctx, name), out)
+    barrier()
+
+
 test_checkpoint_distributed = distributed_tests(__name__, world_size=4, prepare=prepare)
