@@ -55,7 +55,8 @@ class StreamWriter:
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"{name}: declared {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
         data = tensor.detach().contiguous().cpu()
-        self._file.write(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        if data.numel():
+            self._file.write(data.view(torch.uint8).numpy().data)  # the tensor's own buffer, no copy
         self._next += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -1,17 +1,28 @@
-"""Megatron-Core GPT models from Hugging Face checkpoints (Llama, Mistral, Qwen2 layouts)."""
+"""Megatron-Core GPT models from Hugging Face checkpoints (Llama, Mistral, Qwen2 layouts).
 
-from dist_lora.models.forward import logits
-from dist_lora.models.loading import ModelInfo, from_pretrained, model_info
-from dist_lora.models.saving import save_pretrained
-from dist_lora.models.spec import ModelSpec, read_spec, spec_from_config
+Attributes are imported on first use (PEP 562), so offline tools that only need the config
+tables (``dist_lora.models.spec``) do not pay for importing megatron-core.
+"""
 
-__all__ = [
-    "ModelInfo",
-    "ModelSpec",
-    "from_pretrained",
-    "logits",
-    "model_info",
-    "read_spec",
-    "save_pretrained",
-    "spec_from_config",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ModelInfo": "dist_lora.models.loading",
+    "from_pretrained": "dist_lora.models.loading",
+    "model_info": "dist_lora.models.loading",
+    "logits": "dist_lora.models.forward",
+    "save_pretrained": "dist_lora.models.saving",
+    "ModelSpec": "dist_lora.models.spec",
+    "read_spec": "dist_lora.models.spec",
+    "spec_from_config": "dist_lora.models.spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dist_lora.models' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
