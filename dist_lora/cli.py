@@ -5,6 +5,8 @@
                                            sharded checkpoint -> PEFT adapter directory
     dist-lora convert CKPT OUT --tp N --pp M
                                            sharded checkpoint -> the same for another layout
+    dist-lora convert PEFT_DIR OUT --base HF_DIR [--tp N --pp M]
+                                           PEFT adapter -> sharded checkpoint
     dist-lora merge --base HF_DIR --adapter ADAPTER --out DIR [--overwrite]
                                            Hugging Face checkpoint with the adapter merged
     dist-lora verify --base HF_DIR --adapter ADAPTER
@@ -63,6 +65,17 @@ def _inspect(args) -> int:
 
 
 def _convert(args) -> int:
+    from dist_lora.checkpoint.sharded import MANIFEST
+
+    if not (Path(args.src) / MANIFEST).is_file():  # a PEFT adapter directory
+        if args.base is None:
+            raise ValueError("converting a PEFT adapter to a sharded checkpoint needs --base HF_DIR "
+                             "(its config.json gives the Megatron layout)")
+        from dist_lora.checkpoint.peft_to_sharded import peft_to_sharded
+
+        out = peft_to_sharded(args.src, args.base, args.dst, args.tp or 1, args.pp or 1, overwrite=args.overwrite)
+        print(f"wrote sharded checkpoint for TP={args.tp or 1} PP={args.pp or 1} to {out}")
+        return 0
     if args.tp is not None or args.pp is not None:
         from dist_lora.checkpoint.offline_reshard import reshard_checkpoint
 
@@ -145,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("dst")
     convert.add_argument("--tp", type=int, default=None, help="re-lay the checkpoint for this TP size")
     convert.add_argument("--pp", type=int, default=None, help="re-lay the checkpoint for this PP size")
+    convert.add_argument("--base", default=None, help="HF model directory (PEFT -> sharded: the Megatron layout)")
     convert.add_argument("--base-model", default=None, help="base_model_name_or_path for adapter_config.json")
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     merge = sub.add_parser("merge", help="write a Hugging Face checkpoint with an adapter merged in")

@@ -251,4 +251,22 @@ def offline_reshard_loads_on_the_new_layout_bit_exact(ctx):
     barrier()
 
 
+@check("tp2-pp2")
+def peft_converts_offline_to_a_sharded_checkpoint(ctx):
+    """`dist-lora convert PEFT_DIR OUT --base HF --tp 2 --pp 2` (rank 0, no process group) writes
+    what this layout loads with PEFT's logits."""
+    from dist_lora.cli import main
+
+    refs = _refs(ctx)
+    for name in ("rslora_patterns", "embed_and_saved_lm_head", "dora"):
+        out = Path(ctx.tmp) / f"converted_{name}"
+        if ctx.groups.rank == 0:
+            assert main(["convert", str(_peft_dir(ctx, name)), str(out), "--base", ctx.data["llama"],
+                         "--tp", "2", "--pp", "2"]) == 0
+        barrier()
+        model = models.from_pretrained(ctx.data["llama"])
+        dl.load_adapter(model, out)
+        assert rel_error(models.logits(model, refs["ids"]), refs["logits"][name]) <= 1e-5, name
+
+
 test_checkpoint_distributed = distributed_tests(__name__, world_size=4, prepare=prepare)
