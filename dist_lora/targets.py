@@ -187,7 +187,12 @@ def select(model: nn.Module, config: LoraConfig) -> list[Candidate]:
 
 def rank_and_alpha(config: LoraConfig, candidate: Candidate) -> tuple[int, float]:
     """The (r, lora_alpha) of a candidate; a fused adapter needs one value over its names."""
-    names = (candidate.hf_name,) if candidate.slot.fused is None else candidate.slot.hf_names + candidate.names
+    if candidate.slot.fused is None:
+        names = (candidate.hf_name,)
+    elif any(re.match(rf"(.*\.)?({key})$", candidate.names[0]) for key in {**config.rank_pattern, **config.alpha_pattern}):
+        names = candidate.names  # a pattern names the fused Megatron layer itself
+    else:
+        names = candidate.slot.hf_names
     ranks = {pattern_value(config.rank_pattern, n, config.r) for n in names}
     alphas = {pattern_value(config.alpha_pattern, n, config.lora_alpha) for n in names}
     if len(ranks) > 1 or len(alphas) > 1:

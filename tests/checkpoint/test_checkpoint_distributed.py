@@ -23,6 +23,8 @@ from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import peft_model, rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model, save_tiny
 
+FUSABLE = dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "o_proj"],
+               rank_pattern={"v_proj": 2, "gate_proj": 3}, alpha_pattern={"up_proj": 5})
 ADAPTERS = {
     "q_v": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "all_linear": dict(r=4, lora_alpha=16, target_modules="all-linear"),
@@ -40,7 +42,7 @@ def prepare(tmp: Path) -> dict:
     save_tiny(TINY_CONFIGS["qwen2"], tmp / "qwen2")
     ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(5))
     logits = {}
-    for name, config in ADAPTERS.items():
+    for name, config in list(ADAPTERS.items()) + [("fusable", FUSABLE)]:
         model = peft_model("llama", dict(config, init_lora_weights=False))
         model.save_pretrained(tmp / "peft" / name)
         with torch.no_grad():
@@ -267,6 +269,19 @@ def peft_converts_offline_to_a_sharded_checkpoint(ctx):
         model = models.from_pretrained(ctx.data["llama"])
         dl.load_adapter(model, out)
         assert rel_error(models.logits(model, refs["ids"]), refs["logits"][name]) <= 1e-5, name
+
+
+@check("tp2", "tp2-pp2")
+def peft_projections_import_exactly_as_fused_adapters_of_summed_rank(ctx):
+    refs = _refs(ctx)
+    model = models.from_pretrained(ctx.data["llama"])
+    dl.import_peft(model, _peft_dir(ctx, "fusable"), fused=True)
+    assert rel_error(models.logits(model, refs["ids"]), refs["logits"]["fusable"]) <= 1e-5
+    from dist_lora.registry import adapter_layers
+
+    ranks = {n.rsplit(".", 1)[1]: {f.r for f in layer.factors_of("default").values()}
+             for n, layer in adapter_layers(model)}
+    assert ranks["linear_qkv"] == {4 + 2} and ranks["linear_fc1"] == {3 + 4} and ranks["linear_proj"] == {4}
 
 
 test_checkpoint_distributed = distributed_tests(__name__, world_size=4, prepare=prepare)
