@@ -114,23 +114,24 @@ def _verify(args) -> int:
     adapter = Path(args.adapter)
     sharded = (adapter / MANIFEST).is_file()
     tmp = Path(tempfile.mkdtemp(prefix="dist_lora_verify_"))
-    peft_dir = export_peft(adapter, tmp / "peft") if sharded else adapter
-    parallel.initialize()
     try:
-        model = models.from_pretrained(args.base)
-        if sharded and read_manifest(adapter)["model_config"]:
-            load_adapter(model, adapter)  # a Megatron checkpoint: load it as the training job would
-        else:
-            import_peft(model, peft_dir)
-        spec = model.dist_lora.spec
-        ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
-        ours = models.logits(model, ids)
-    finally:
-        parallel.shutdown()
-    import peft
-    from transformers import AutoModelForCausalLM
+        peft_dir = export_peft(adapter, tmp / "peft") if sharded else adapter
+        parallel.initialize()
+        try:
+            model = models.from_pretrained(args.base)
+            if sharded and read_manifest(adapter)["model_config"]:
+                load_adapter(model, adapter)  # a Megatron checkpoint: load it as the training job would
+            else:
+                import_peft(model, peft_dir)
+            spec = model.dist_lora.spec
+            ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq),
+                                generator=torch.Generator().manual_seed(args.seed))
+            ours = models.logits(model, ids)
+        finally:
+            parallel.shutdown()
+        import peft
+        from transformers import AutoModelForCausalLM
 
-    try:
         base = AutoModelForCausalLM.from_pretrained(args.base, attn_implementation="eager", dtype=torch.float32)
         reference = peft.PeftModel.from_pretrained(base, peft_dir).eval()
         with torch.no_grad():

@@ -15,7 +15,7 @@ from dist_lora.parallel.collectives import RankError, all_gather_object, barrier
 from dist_lora.registry import adapter_layers
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import peft_model, rel_error
-from dist_lora.testing.tiny import TINY_CONFIGS, hf_model, save_tiny
+from dist_lora.testing.tiny import TINY_CONFIGS, save_tiny
 
 LAYOUTS = ("tp2", "tp2-sp", "tp2-pp2")
 MERGE_CASES = {

@@ -20,13 +20,9 @@ import torch
 from dist_lora.checkpoint.atomic import atomic_directory
 from dist_lora.checkpoint.stream_writer import StreamWriter
 from dist_lora.config import LoraConfig
-from dist_lora.models.hf_checkpoint import INDEX, SINGLE, HFCheckpoint
+from dist_lora.models.hf_checkpoint import INDEX, SIDE_FILES, SINGLE, HFCheckpoint
 from dist_lora.peft_names import PREFIX
 from dist_lora.targets import pattern_value
-
-_COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-           "special_tokens_map.json", "vocab.json", "merges.txt")
-
 
 def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """Config and PEFT-keyed tensors of a PEFT directory or a dist_lora sharded checkpoint."""
@@ -133,7 +129,7 @@ def merge_release(base_dir: str | Path, adapter: str | Path, out_dir: str | Path
                      "weight_map": {n: f for f, members in zip(file_names, files) for n in members}}
             (tmp / INDEX).write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(base_config, indent=2))
-        for extra in _COPIED:
+        for extra in SIDE_FILES:
             if (base_dir / extra).is_file():
                 shutil.copy2(base_dir / extra, tmp / extra)
     return out_dir

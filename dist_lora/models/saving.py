@@ -10,15 +10,14 @@ checkpoint behind and an existing one untouched.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from dist_lora.models.hf_checkpoint import INDEX, SINGLE
+from dist_lora.checkpoint.atomic import check_target, publish, temporary_sibling
+from dist_lora.models.hf_checkpoint import INDEX, SIDE_FILES, SINGLE
 from dist_lora.models.layouts import unshard
 from dist_lora.models.loading import model_info
 from dist_lora.models.mapping import bind
@@ -30,8 +29,6 @@ from dist_lora.parallel.collectives import (
     raise_if_any,
 )
 
-_COPIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-           "special_tokens_map.json", "vocab.json", "merges.txt")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -51,12 +48,6 @@ def _plan_files(stages: list[list[tuple[str, int]]], max_bytes: int) -> list[lis
     return files
 
 
-def _fsync_dir(path: Path) -> None:
-    for file in path.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
-
-
 def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_size: int = 2 * 1024**3,
                     overwrite: bool = False) -> None:
     """Write ``model`` (sharded over TP / PP / DP) as an HF checkpoint directory at ``path``.
@@ -68,8 +59,10 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_size: in
     groups, spec = info.groups, info.spec
     path = Path(path)
     error = None
-    if path.exists() and not overwrite:
-        error = FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    try:
+        check_target(path, overwrite)
+    except FileExistsError as err:
+        error = err
     raise_if_any(error, what=f"saving {path}")
 
     params = dict(model.named_parameters())
@@ -87,11 +80,7 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_size: in
     names = [SINGLE] if single else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     owner = {t: names[i] for i, tensors in enumerate(files) for t in tensors}
 
-    tmp = None
-    if groups.rank == 0:
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-    tmp = Path(broadcast_object(str(tmp) if tmp else None))
+    tmp = Path(broadcast_object(str(temporary_sibling(path)) if groups.rank == 0 else None))
 
     error = None
     pending: dict[str, torch.Tensor] = {}
@@ -120,17 +109,10 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_size: in
                 total = sum(n for stage in stages for _, n in stage)
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(owner.items()))}
                 (tmp / INDEX).write_text(json.dumps(index, indent=2))
-            for extra in _COPIED:
+            for extra in SIDE_FILES:
                 if (Path(info.source) / extra).is_file():
                     shutil.copy2(Path(info.source) / extra, tmp / extra)
-            _fsync_dir(tmp)
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                path.rename(old)
-                tmp.rename(path)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(path)
+            publish(tmp, path)
         except OSError as err:
             error = err
     try:

@@ -139,7 +139,6 @@ def sharded_checkpoint_reloads_across_pipeline_stages(ctx):
 
 def _broken_copies(ctx, source: Path) -> dict[str, Path]:
     root = Path(ctx.tmp) / f"broken_{ctx.layout.name}"
-    cases = {}
     if ctx.groups.rank == 0:
         shard = "adapter-tp01-pp00.safetensors"
         for case in ("corrupted", "truncated", "missing_shard", "outside", "pickle"):
