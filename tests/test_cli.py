@@ -57,3 +57,18 @@ def test_verify_compares_with_peft(tmp_path, capsys):
     assert main(["verify", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "peft"), "--seq", "8"]) == 0
     out = capsys.readouterr().out
     assert "max |logits(dist_lora) - logits(peft)|" in out and "OK" in out
+
+
+def test_non_default_adapters_export_to_a_subfolder_like_peft(tmp_path):
+    model = hf_model(TINY_CONFIGS["llama"])
+    dl.apply_lora(model, dl.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    dl.add_adapter(model, dl.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False), "other")
+    dl.export_peft(model, tmp_path / "out")
+    dl.export_peft(model, tmp_path / "out", adapter_name="other", overwrite=True)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "out" / "other" / "adapter_model.safetensors").is_file()
+    dl.set_adapter(model, "other")
+    ids = torch.randint(0, 101, (1, 6))
+    loaded = peft.PeftModel.from_pretrained(hf_model(TINY_CONFIGS["llama"]), tmp_path / "out" / "other").eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
