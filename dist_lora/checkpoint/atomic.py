@@ -54,6 +54,10 @@ def publish(tmp: Path, path: Path) -> None:
     it complete under ``.<name>.old-*``, where ``recover`` finds it."""
     fsync_tree(tmp)
     if path.exists():
+        # ``path`` is complete, so any ``.old-*`` sibling is the remains of an interrupted
+        # clean-up; clear them so a crash below leaves exactly one for ``recover``.
+        for stale in path.parent.glob(f".{path.name}.old-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         path.rename(old)
         tmp.rename(path)
