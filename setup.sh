@@ -23,7 +23,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" "${DIST_LORA_TORCH:-torch==2.13.0}"
   fi
 fi
-"${PIP[@]}" -e ".[test]"
+"${PIP[@]}" -e ".[test,mpi]"
 
 if [ "${DIST_LORA_SKIP_DEMO:-0}" != 1 ]; then
   .venv/bin/torchrun --standalone --nproc_per_node 2 \
