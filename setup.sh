@@ -26,6 +26,6 @@ fi
 "${PIP[@]}" -e ".[test,mpi]"
 
 if [ "${DIST_LORA_SKIP_DEMO:-0}" != 1 ]; then
-  .venv/bin/torchrun --standalone --nproc_per_node 2 \
-    launch/compare_hf.py --config configs/tiny_llama.json --tp 2
+  # The main job: fine-tune the demo at TP=2, export the adapter in PEFT's format, verify it with peft.
+  .venv/bin/torchrun --standalone --nproc_per_node 2 launch/finetune.py --config configs/demo.yaml
 fi

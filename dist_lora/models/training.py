@@ -106,3 +106,38 @@ def finalize_grads(model) -> None:
         if groups.dp_size > 1:
             all_reduce_(param.grad, groups.dp_group)
             param.grad.div_(groups.dp_size)
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Clip trainable gradients to a global L2 norm of ``max_norm``; return the norm before clipping.
+
+    The norm is over the *global* parameters: a tensor split over TP counts every shard, a tensor
+    replicated over TP (LoRA A of column layers, B of row layers, unsplit biases) counts once,
+    and the squares are summed over the model-parallel group (TP x PP). Data-parallel replicas
+    hold equal gradients after ``finalize_grads`` and are not summed.
+    """
+    from dist_lora.registry import adapter_layers, saved_modules
+
+    groups = model_info(model).groups
+    split = {id(p) for p in model.parameters() if getattr(p, "tensor_model_parallel", False)}
+    for _, layer in adapter_layers(model):
+        for slots in layer.lora.values():
+            for factors in slots.values():
+                for name, layout in factors.layouts().items():
+                    (split.add if layout.dim is not None else split.discard)(id(getattr(factors, name)))
+    for _, module in saved_modules(model):
+        if module.layout.dim is not None:
+            split.update(id(p) for p in module.copies.values())
+    total, grads = torch.zeros(()), []
+    for param in model.parameters():
+        if not param.requires_grad or param.grad is None:
+            continue
+        grads.append(param.grad)
+        if id(param) in split or groups.tp_rank == 0:
+            total += param.grad.float().pow(2).sum()
+    all_reduce_(total, groups.model_parallel_group)
+    norm = total.sqrt().item()
+    if max_norm > 0 and norm > max_norm:
+        for grad in grads:
+            grad.mul_(max_norm / (norm + 1e-6))
+    return norm

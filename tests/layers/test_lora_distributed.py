@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dist_lora import LoraConfig, adapter_state_dict, apply_lora, models, set_adapter_state_dict
-from dist_lora.models.training import finalize_grads, forward_backward
+from dist_lora.models.training import clip_grad_norm, finalize_grads, forward_backward
 from dist_lora.parallel.collectives import all_gather_object
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import reference_run, rel_error
@@ -126,6 +126,8 @@ def logits_loss_gradients_and_adamw_steps_match_peft(ctx):
         mean_loss = _mean_over_dp(ctx, loss.item())
         assert abs(mean_loss - ref["loss"].item()) <= TOL * ref["loss"].item(), (name, mean_loss, ref["loss"].item())
         _assert_close(adapter_state_dict(model, gradients=True), ref["grads"], f"{name} gradients")
+        global_norm = torch.stack([g.float().pow(2).sum() for g in ref["grads"].values()]).sum().sqrt().item()
+        assert abs(clip_grad_norm(model, 0.0) - global_norm) <= 1e-5 * global_norm, f"{name} global grad norm"
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.01, eps=ADAM_EPS)
         optimizer.step()

@@ -1,0 +1,151 @@
+"""Fine-tuning recipe configuration: YAML -> typed dataclasses, checked before any process starts.
+
+Every key is known and typed; a wrong one is rejected with its dotted name (``train.lr must be a
+float, got 'fast'``), so a typo never reaches a job of many ranks. ``lora`` holds
+``dist_lora.LoraConfig`` fields. Overrides use the same dotted names: ``train.steps=20``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dist_lora.config import LoraConfig
+
+
+@dataclass
+class ModelSection:
+    hf_dir: typing.Optional[str] = None  # a Hugging Face model directory, or
+    demo_config: typing.Optional[str] = None  # an HF config.json built with random weights (demo)
+    demo_seed: int = 0
+
+
+@dataclass
+class ParallelSection:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class DataSection:
+    path: str = "data/demo.txt"
+    format: str = "text"  # text | jsonl
+    text_field: str = "text"
+    seq_len: int = 64
+    tokenizer: str = "auto"  # auto (the model directory's, else bytes) | bytes
+    holdout_sequences: int = 2
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100
+    micro_batch_size: int = 4
+    micro_batches: int = 1  # gradient accumulation (pipeline micro-batches with PP)
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    dtype: str = "float32"  # float32 | bfloat16
+    seed: int = 1234
+    log_every: int = 1
+    stop_at: typing.Optional[int] = None  # end this run after this step (checkpointed), e.g. for a time limit
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = "runs/demo/checkpoints"
+    every: int = 50
+
+
+@dataclass
+class OutputSection:
+    dir: str = "runs/demo"
+    verify: bool = True
+    verify_tolerance: float = 1e-4
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    lora: dict = field(default_factory=dict)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(**self.lora)
+
+
+def _check_type(name: str, value, annotation):
+    hints = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Union else (annotation,)
+    for hint in hints:
+        if hint is type(None) and value is None:
+            return value
+        if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if hint in (int, str, bool, dict) and type(value) is hint:
+            return value
+    wanted = " or ".join("null" if h is type(None) else h.__name__ for h in hints)
+    raise ValueError(f"config key {name} must be {wanted}, got {value!r}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {prefix or 'top level'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown config key {prefix}{unknown[0]}; known keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _check_type(f"{prefix}{key}", value, hint)
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict, override: str) -> None:
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like section.key=value")
+    dotted, raw = override.split("=", 1)
+    *sections, key = dotted.split(".")
+    node = data
+    for section in sections:
+        node = node.setdefault(section, {})
+    node[key] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
+    """Read, override and validate a recipe; ``ValueError`` names the first bad key."""
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    for override in overrides:
+        _apply_override(data, override)
+    config = _build(FinetuneConfig, data, "")
+    if (config.model.hf_dir is None) == (config.model.demo_config is None):
+        raise ValueError("config needs exactly one of model.hf_dir and model.demo_config")
+    if config.data.format not in ("text", "jsonl"):
+        raise ValueError(f"data.format must be text or jsonl, got {config.data.format!r}")
+    if config.data.tokenizer not in ("auto", "bytes"):
+        raise ValueError(f"data.tokenizer must be auto or bytes, got {config.data.tokenizer!r}")
+    if config.train.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"train.dtype must be float32 or bfloat16, got {config.train.dtype!r}")
+    for name in ("steps", "micro_batch_size", "micro_batches", "log_every"):
+        if getattr(config.train, name) < 1:
+            raise ValueError(f"train.{name} must be >= 1")
+    try:
+        config.lora_config()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config section lora: {err}") from err
+    return config
