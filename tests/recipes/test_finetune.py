@@ -37,10 +37,12 @@ def test_the_launcher_rejects_a_bad_config_before_starting_ranks(tmp_path):
     assert out.returncode == 2 and "unknown config key train.lrr" in out.stderr
 
 
-def _run(tmp_path: Path, name: str, *overrides: str, resume: bool = False) -> list[dict]:
+TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
+
+
+def _run(tmp_path: Path, name: str, *overrides: str, resume: bool = False, launcher=TORCHRUN) -> list[dict]:
     out = tmp_path / name
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
-           str(ROOT / "launch" / "finetune.py"), "--config", str(DEMO), f"output.dir={out}",
+    cmd = [*launcher, str(ROOT / "launch" / "finetune.py"), "--config", str(DEMO), f"output.dir={out}",
            f"checkpoint.dir={out / 'checkpoints'}", *overrides] + (["--resume"] if resume else [])
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -61,3 +63,19 @@ def test_demo_loss_falls_exports_verifies_and_resumes_bit_identically(tmp_path):
     resumed = _run(tmp_path, "resumed", "train.steps=60", "checkpoint.every=30", resume=True)
     assert [r["step"] for r in resumed] == list(range(1, 61))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+
+
+def test_mpiexec_gives_the_losses_of_torchrun(tmp_path):
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip("no mpiexec: install the 'mpi' extra")
+    pytest.importorskip("mpi4py")
+    torchrun = _run(tmp_path, "torchrun", "train.steps=8")
+    mpi = _run(tmp_path, "mpi", "train.steps=8", launcher=[str(mpiexec), "-n", "2", sys.executable])
+    assert [r["loss"] for r in mpi] == [r["loss"] for r in torchrun]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_bundled_recipe_is_valid_and_starts_with_its_command(path):
+    load_config(path)
+    assert path.read_text().startswith("# "), "a recipe's first line is the command that runs it"
