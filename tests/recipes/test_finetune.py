@@ -40,11 +40,12 @@ def test_the_launcher_rejects_a_bad_config_before_starting_ranks(tmp_path):
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2"]
 
 
-def _run(tmp_path: Path, name: str, *overrides: str, resume: bool = False, launcher=TORCHRUN) -> list[dict]:
+def _run(tmp_path: Path, name: str, *overrides: str, resume: bool = False, launcher=TORCHRUN,
+         env: dict | None = None) -> list[dict]:
     out = tmp_path / name
     cmd = [*launcher, str(ROOT / "launch" / "finetune.py"), "--config", str(DEMO), f"output.dir={out}",
            f"checkpoint.dir={out / 'checkpoints'}", *overrides] + (["--resume"] if resume else [])
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     if not any(o.startswith("train.stop_at") for o in overrides):
         assert "peft verification OK" in result.stdout, result.stdout[-2000:]
@@ -79,3 +80,21 @@ def test_mpiexec_gives_the_losses_of_torchrun(tmp_path):
 def test_every_bundled_recipe_is_valid_and_starts_with_its_command(path):
     load_config(path)
     assert path.read_text().startswith("# "), "a recipe's first line is the command that runs it"
+
+
+def test_slurm_srun_gives_the_losses_of_torchrun(tmp_path):
+    """A real one-node Slurm (slurm-wlm + munge on loopback, started here and stopped after)."""
+    import os
+
+    from dist_lora.testing.slurm import LoopbackSlurm, available
+
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    torchrun = _run(tmp_path, "torchrun", "train.steps=8")
+    with LoopbackSlurm(tmp_path / "slurm") as slurm:
+        env = dict(slurm.env, OMP_NUM_THREADS="1")  # as torchrun sets it: same float reductions
+        for name in [k for k in env if k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))]:
+            del env[name]
+        srun = _run(tmp_path, "srun", "train.steps=8", launcher=["srun", "-n2", sys.executable], env=env)
+    assert [r["loss"] for r in srun] == [r["loss"] for r in torchrun]
