@@ -98,3 +98,35 @@ def test_slurm_srun_gives_the_losses_of_torchrun(tmp_path):
             del env[name]
         srun = _run(tmp_path, "srun", "train.steps=8", launcher=["srun", "-n2", sys.executable], env=env)
     assert [r["loss"] for r in srun] == [r["loss"] for r in torchrun]
+
+
+def test_a_killed_rank_ends_the_job_and_the_last_checkpoint_resumes(tmp_path):
+    """SIGKILL one rank mid-training: the job exits (no hang) naming the failure, and the last
+    checkpoint is intact: --resume continues from it."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "killed"
+    overrides = ["train.steps=400", "checkpoint.every=10", f"output.dir={out}", f"checkpoint.dir={out / 'checkpoints'}"]
+    job = subprocess.Popen([*TORCHRUN, str(ROOT / "launch" / "finetune.py"), "--config", str(DEMO), *overrides],
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not (latest.exists() and latest.read_text() >= "step-000020"):
+        assert job.poll() is None and time.monotonic() < deadline, "the job ended or stalled before step 20"
+        time.sleep(0.2)
+    workers = [p for p in psutil.Process(job.pid).children(recursive=True) if "finetune.py" in " ".join(p.cmdline())]
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    started = time.monotonic()
+    log, _ = job.communicate(timeout=180)
+    assert job.returncode != 0 and time.monotonic() - started < 120
+    assert "finetune.py FAILED" in log or "Signal 9" in log or "SIGKILL" in log, log[-2000:]
+    saved = int(latest.read_text().split("-")[1])
+    assert saved >= 20
+    resumed = _run(tmp_path, "killed", "train.steps=400", f"train.stop_at={saved + 5}", "checkpoint.every=10",
+                   resume=True)
+    steps = [r["step"] for r in resumed]
+    assert steps[-5:] == list(range(saved + 1, saved + 6)), steps[-8:]
