@@ -115,8 +115,10 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
     if latest is not None:
         start = dl.load_training_state(model, optimizer, latest)["data_position"]
     metrics_file = out / "metrics.jsonl"
-    if groups.rank == 0 and start == 0 and metrics_file.exists():
-        metrics_file.unlink()
+    if groups.rank == 0 and metrics_file.exists():  # keep only the steps the checkpoint contains
+        kept = [line for line in metrics_file.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= start]
+        metrics_file.write_text("".join(line + "\n" for line in kept))
     bar = tqdm(total=t.steps, initial=start, disable=groups.rank != 0, desc="fine-tuning", unit="step",
                mininterval=1.0)
     tokens_per_step = t.micro_batch_size * t.micro_batches * groups.dp_size * config.data.seq_len
