@@ -14,7 +14,8 @@ replicated, ``B_i`` [out/p, r] split like W (GLU ``linear_fc1`` with stride 2).
   the narrow [s/p, b, r] product replaces a gather of x; its backward reduce-scatters dL/dh,
   and ``copy_to_group`` sums A's gradient over the sequence shards.
 * ``y_i += s * h B_i^T`` [s, b, out/p]. Per-projection adapters on fused q/k/v or gate/up add
-  their [.., rows] into their rows of the fused output (``Slot.place``).
+  their [.., rows] into their rows of the fused output (``Slot.place``). The hiddens of all live
+  adapters of a layer travel in one collective (concatenated along r).
 
 **Row-parallel** (W split on ``in``: W_i [out, in/p], input x_i [s, b, in/p]). ``A_i`` [r, in/p]
 is split like W, ``B`` [out, r] replicated.
@@ -63,9 +64,11 @@ class LoraLinear(AdapterLayer):
             y = y + (trained_bias - trained_bias.detach())  # adds 0; routes dL/dy to the bias
         if not live:
             return (y, *rest) if rest is not None else y
+        all_factors = [factors for _, factors in live]
+        inputs = [factors.dropout(x.to(factors.lora_A.dtype)) for factors in all_factors]
         delta = None
-        for _, factors in live:
-            d = factors.slot.place(self._slot_delta(x, y, base_bias, factors), y.shape[-1])
+        for factors, x_in, h in zip(all_factors, inputs, self._hiddens(inputs, all_factors)):
+            d = factors.slot.place(self._slot_delta(x_in, h, y, base_bias, factors), y.shape[-1])
             delta = d if delta is None else delta + d
         y = y + delta.to(y.dtype)
         return (y, *rest) if rest is not None else y
@@ -90,17 +93,21 @@ class LoraLinear(AdapterLayer):
             return None
         return base_bias
 
-    def _hidden(self, x: torch.Tensor, factors: LoraFactors) -> torch.Tensor:
-        """``A x`` laid out like the base output's leading dims, complete over TP."""
+    def _hiddens(self, inputs: list[torch.Tensor], all_factors: list[LoraFactors]) -> list[torch.Tensor]:
+        """``A x`` of every live adapter slot, complete over TP, with ONE collective for all of
+        them: the narrow [.., r_i] products are concatenated, moved together, and split again
+        (q, k, v and gate, up adapters on a fused layer cost one collective, not five)."""
         shard, group = self.shard, self.shard.tp_group
         if shard.kind == "column":
-            if shard.sequence_parallel:
-                return gather_first_dim(F.linear(x, copy_to_group(factors.lora_A, group)), group)
-            return copy_to_group(F.linear(x, factors.lora_A), group)
-        if not shard.input_is_parallel:
-            x = split_last_dim(x, group)
-        partial = F.linear(x, factors.lora_A)
-        return reduce_scatter_first_dim(partial, group) if shard.sequence_parallel else reduce_from_group(partial, group)
+            weights = [copy_to_group(f.lora_A, group) if shard.sequence_parallel else f.lora_A for f in all_factors]
+            partial = torch.cat([F.linear(x, a) for x, a in zip(inputs, weights)], dim=-1)
+            full = gather_first_dim(partial, group) if shard.sequence_parallel else copy_to_group(partial, group)
+        else:
+            if not shard.input_is_parallel:
+                inputs = [split_last_dim(x, group) for x in inputs]
+            partial = torch.cat([F.linear(x, f.lora_A) for x, f in zip(inputs, all_factors)], dim=-1)
+            full = reduce_scatter_first_dim(partial, group) if shard.sequence_parallel else reduce_from_group(partial, group)
+        return list(full.split([f.r for f in all_factors], dim=-1))
 
     def _replicated(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         """Row-layer replicated tensors whose gradient is a sum over sequence shards under SP."""
@@ -108,9 +115,8 @@ class LoraLinear(AdapterLayer):
             return tensor
         return copy_to_group(tensor, self.shard.tp_group)
 
-    def _slot_delta(self, x, y, base_bias, factors: LoraFactors) -> torch.Tensor:
-        x = factors.dropout(x.to(factors.lora_A.dtype))
-        h = self._hidden(x, factors)
+    def _slot_delta(self, x, h, y, base_bias, factors: LoraFactors) -> torch.Tensor:
+        """This slot's output delta [.., rows]; ``x`` is its (dropped-out) input, ``h`` its ``A x``."""
         lora_out = F.linear(h, self._replicated(factors.lora_B), self._replicated(factors.lora_bias))
         lora_out = lora_out * factors.scaling
         if factors.lora_magnitude_vector is None:
