@@ -36,7 +36,7 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]
     return read_peft(path)
 
 
-def _modules(config: LoraConfig, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+def adapter_modules(config: LoraConfig, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
     """HF module name -> its adapter tensors (by role) and scaling."""
     roles = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "lora_bias",
              "lora_magnitude_vector": "m", "lora_embedding_A": "emb_A", "lora_embedding_B": "emb_B"}
@@ -94,7 +94,7 @@ def merge_release(base_dir: str | Path, adapter: str | Path, out_dir: str | Path
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     config, tensors = read_adapter(adapter)
     base_config = json.loads((base_dir / "config.json").read_text())
-    modules, replace = _modules(config, tensors), _replacements(tensors)
+    modules, replace = adapter_modules(config, tensors), _replacements(tensors)
     reader = HFCheckpoint(base_dir)
     names = reader.names()
     tied = base_config.get("tie_word_embeddings", False)

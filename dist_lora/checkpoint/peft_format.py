@@ -214,12 +214,12 @@ def import_peft(model, peft_dir: str | Path, adapter_name: str = "default", fuse
 
 def fuse_projections(model, config: LoraConfig, tensors: dict) -> tuple[LoraConfig, dict]:
     """Per-projection PEFT adapters -> one exact adapter per fused Megatron layer (see import_peft)."""
-    from dist_lora.checkpoint.merge_release import _modules
-    from dist_lora.checkpoint.peft_to_sharded import _module_table
+    from dist_lora.checkpoint.merge_release import adapter_modules
+    from dist_lora.checkpoint.peft_to_sharded import hf_module_table
 
-    modules = _modules(config, tensors)
+    modules = adapter_modules(config, tensors)
     fused_layers: dict[str, list[str]] = {}  # every fused layer of the model, on every stage alike
-    for hf, (megatron, _, fused) in _module_table(model.dist_lora.spec).items():
+    for hf, (megatron, _, fused) in hf_module_table(model.dist_lora.spec).items():
         if fused:
             fused_layers.setdefault(megatron, []).append(hf)
     rank_pattern, alpha_pattern, targets, out = {}, {}, [], {}
@@ -237,7 +237,7 @@ def fuse_projections(model, config: LoraConfig, tensors: dict) -> tuple[LoraConf
         offset = 0
         blocks = {}
         for n in names:
-            rows = _rows_of(n, modules, tensors, model)
+            rows = _rows_of(n, modules, model)
             block = torch.zeros(rows, total, dtype=a.dtype)
             if n in modules:
                 r = modules[n]["A"].shape[0]
@@ -280,7 +280,7 @@ def fuse_projections(model, config: LoraConfig, tensors: dict) -> tuple[LoraConf
     return fused_config, out
 
 
-def _rows_of(name: str, modules: dict, tensors: dict, model) -> int:
+def _rows_of(name: str, modules: dict, model) -> int:
     """Output rows of HF projection ``name`` (from its adapter, or from the model's shapes)."""
     if name in modules:
         return modules[name]["B"].shape[0]

@@ -28,7 +28,7 @@ _ROLES = {"lora_A.weight": ("lora_A", "linear"), "lora_B.weight": ("lora_B", "li
           "lora_embedding_A": ("lora_A", "embedding"), "lora_embedding_B": ("lora_B", "embedding")}
 
 
-def _module_table(spec) -> dict[str, tuple[str, str, bool]]:
+def hf_module_table(spec) -> dict[str, tuple[str, str, bool]]:
     """HF module name -> (Megatron module name with global layer index, layout, in a fused layer)."""
     table = {"lm_head": ("output_layer", "vocab", False)}
     for entry in spec.family.weights:
@@ -59,7 +59,7 @@ def peft_to_sharded(peft_dir: str | Path, base_dir: str | Path, dst: str | Path,
     config, tensors = read_adapter(peft_dir)
     spec = read_spec(base_dir)
     spec.check_layout(tp, pp)
-    table = _module_table(spec)
+    table = hf_module_table(spec)
     shard, metas = {}, {}
     for key, tensor in sorted(tensors.items()):
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
