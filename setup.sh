@@ -23,7 +23,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" "${DIST_LORA_TORCH:-torch==2.13.0}"
   fi
 fi
-"${PIP[@]}" -e ".[test,mpi]"
+"${PIP[@]}" -e ".[test,mpi,deepspeed,quant]"
 
 if [ "${DIST_LORA_SKIP_DEMO:-0}" != 1 ]; then
   # The main job: fine-tune the demo at TP=2, export the adapter in PEFT's format, verify it with peft.

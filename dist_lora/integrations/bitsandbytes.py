@@ -1,0 +1,66 @@
+"""The one seam to bitsandbytes (optional: ``pip install 'dist-lora[quant]'``).
+
+Only 4-bit blockwise quantisation is used (nf4 or fp4, as QLoRA and LoftQ define it). A weight
+is quantised row-major in blocks of ``blocksize`` elements with one absmax per block; when a
+TP shard's row length is a multiple of ``blocksize``, quantising each shard gives exactly the
+blocks of the global weight, so sharded quantisation equals unsharded quantisation.
+``compress_statistics`` (double quantisation of the absmax) is off: it would couple blocks
+across shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INSTALL_HINT = "install it with: pip install 'dist-lora[quant]' (bitsandbytes>=0.45)"
+
+
+def available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _functional(feature: str):
+    try:
+        import bitsandbytes.functional as functional
+    except ImportError as exc:
+        raise ImportError(f"{feature} needs bitsandbytes, which is not installed; {INSTALL_HINT}") from exc
+    return functional
+
+
+@dataclass
+class Quantized4bit:
+    """A 4-bit weight: ``packed`` uint8 [numel / 2, 1] plus bitsandbytes' quantisation state."""
+
+    packed: torch.Tensor
+    state: object
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    quant_type: str
+    blocksize: int
+
+    def dequantize(self) -> torch.Tensor:
+        """The dequantised weight, in the dtype it was quantised from."""
+        return _functional("4-bit dequantisation").dequantize_4bit(self.packed, self.state).to(self.dtype)
+
+
+def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
+                  feature: str = "4-bit quantisation") -> Quantized4bit:
+    """Quantise ``weight`` (any float dtype, 2-D) blockwise to 4 bits.
+
+    Raises ``ValueError`` when a row is not a whole number of blocks (then the blocks of a
+    shard would straddle rows and differ from the unsharded quantisation)."""
+    functional = _functional(feature)
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type={quant_type!r}: bitsandbytes 4-bit types are 'nf4' and 'fp4'")
+    if weight.dim() != 2 or weight.shape[1] % blocksize:
+        raise ValueError(f"{feature}: a weight of shape {tuple(weight.shape)} has rows that are not a multiple "
+                         f"of the block size {blocksize}; pick a blocksize dividing {weight.shape[-1]}")
+    packed, state = functional.quantize_4bit(weight.detach().float().contiguous(), blocksize=blocksize,
+                                             compress_statistics=False, quant_type=quant_type)
+    return Quantized4bit(packed, state, tuple(weight.shape), weight.dtype, quant_type, blocksize)
