@@ -1,0 +1,110 @@
+"""Decompositions of a matrix that is sharded over a process group, computed from local shards.
+
+A global matrix ``W`` [m, n] lives on the ranks of ``group`` as blocks along ``dim``: rows
+(``dim=0``, each rank holds [m_i, n]), columns (``dim=1``, [m, n_i]) or replicated
+(``dim=None``). Every function here returns its factors *in the same layout*: the factor that
+spans the sharded dimension stays sharded, the other one is replicated. No rank ever holds
+``W``; what travels is an [n, n] Gram matrix (exact SVD, n = the unsharded dimension), or
+[n, q] / [q, q] sketches (randomised SVD and tall-skinny QR, q = the rank).
+
+Small dense algebra runs in float64: a Gram matrix squares the condition number, and float64
+keeps the leading singular vectors as accurate as LAPACK's float32 SVD of the full matrix.
+Signs of singular / QR vectors are conventions and may differ from LAPACK's; products such as
+``U S Vh`` and every projector are exact.
+
+Results are identical on all ranks of ``group`` for the replicated factors (they are computed
+from all-reduced data with the same deterministic kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_lora.parallel import collectives as C
+
+
+def _rows(local: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """View the shard as a row block of a row-sharded matrix (transpose a column shard)."""
+    if dim not in (0, 1, None):
+        raise ValueError(f"dim={dim!r}: a matrix is sharded on 0 (rows), 1 (columns) or None (replicated)")
+    return local.t() if dim == 1 else local
+
+
+def _sum(t: torch.Tensor, dim: int | None, group) -> torch.Tensor:
+    """Sum of the per-shard partial products over ``group``; a replicated matrix has none."""
+    return t if dim is None else C.all_reduce_(t, group)
+
+
+def svd(local: torch.Tensor, dim: int | None, group, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact leading ``rank`` singular triplets of the global matrix ``W`` (``W ~ U diag(S) Vh``).
+
+    Shapes: ``U`` [m or m_i, rank], ``S`` [rank] (descending), ``Vh`` [rank, n or n_i]; the
+    factor along ``dim`` is this rank's shard. One all-reduce of an [k, k] Gram matrix, k the
+    unsharded dimension. Returned in ``local``'s dtype."""
+    x = _rows(local, dim).double()
+    gram = _sum(x.t() @ x, dim, group)
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    k = min(rank, evals.numel())
+    v = evecs[:, -k:].flip(1)  # replicated right vectors [k_dim, k]
+    s = evals[-k:].flip(0).clamp_min(0).sqrt()
+    u = (x @ v) / s.clamp_min(torch.finfo(torch.float64).tiny)  # sharded left vectors
+    u, v = _fix_signs(u, v)
+    return _orient(u, s, v, dim, local.dtype)
+
+
+def svd_lowrank(local: torch.Tensor, dim: int | None, group, rank: int, niter: int,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomised leading ``rank`` singular triplets (Halko et al., as ``torch.svd_lowrank``
+    with ``q=rank`` and ``niter`` subspace iterations), layout as :func:`svd`.
+
+    The test matrix is drawn from ``generator`` (seed it identically on every rank). Per
+    iteration one all-reduce of an [k, rank] sketch and one tall-skinny QR ([rank, rank])."""
+    if niter < 0:
+        raise ValueError(f"niter={niter}: the number of subspace iterations must be >= 0")
+    x = _rows(local, dim).double()
+    omega = torch.randn(x.shape[1], rank, generator=generator, dtype=torch.float64)
+    q = _tsqr(x @ omega, dim, group)[0]
+    for _ in range(niter):
+        z = torch.linalg.qr(_sum(x.t() @ q, dim, group))[0]  # replicated [k, rank]
+        q = _tsqr(x @ z, dim, group)[0]
+    b = _sum(q.t() @ x, dim, group)  # replicated [rank, k]
+    ub, s, vh = torch.linalg.svd(b, full_matrices=False)
+    u, v = _fix_signs(q @ ub, vh.t())
+    return _orient(u, s, v, dim, local.dtype)
+
+
+def tall_skinny_qr(local_rows: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """QR of a row-sharded tall matrix [m, q] (m >> q): ``Q`` row-sharded [m_i, q], ``R``
+    replicated [q, q] upper triangular with a positive diagonal.
+
+    CholeskyQR2 in float64: two rounds of (all-reduce the [q, q] Gram, Cholesky, solve).
+    Raises ``ValueError`` when the columns are linearly dependent."""
+    return _tsqr(local_rows, 0, group)
+
+
+def _tsqr(local_rows: torch.Tensor, dim: int | None, group) -> tuple[torch.Tensor, torch.Tensor]:
+    q, r = local_rows.double(), None
+    for _ in range(2):
+        gram = _sum(q.t() @ q, dim, group)
+        chol, info = torch.linalg.cholesky_ex(gram)
+        if int(info):
+            raise ValueError("tall_skinny_qr: the columns are linearly dependent (rank-deficient matrix)")
+        q = torch.linalg.solve_triangular(chol.t(), q, upper=True, left=False)
+        r = chol.t() if r is None else chol.t() @ r
+    return q, r
+
+
+def _fix_signs(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make the largest-magnitude entry of each right vector (replicated) positive, so the
+    result is deterministic whatever the eigen-solver returned."""
+    idx = v.abs().argmax(dim=0)
+    sign = torch.sign(v[idx, torch.arange(v.shape[1])])
+    sign[sign == 0] = 1
+    return u * sign, v * sign
+
+
+def _orient(u, s, v, dim, dtype):
+    """Map the row-sharded computation (``x = u diag(s) v^T``) back to ``W``'s orientation."""
+    if dim == 1:  # x = W^T, so W = v diag(s) u^T
+        return v.to(dtype), s.to(dtype), u.t().to(dtype)
+    return u.to(dtype), s.to(dtype), v.t().to(dtype)
