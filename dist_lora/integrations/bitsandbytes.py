@@ -35,18 +35,29 @@ def _functional(feature: str):
 
 @dataclass
 class Quantized4bit:
-    """A 4-bit weight: ``packed`` uint8 [numel / 2, 1] plus bitsandbytes' quantisation state."""
+    """A 4-bit weight as plain tensors: ``packed`` uint8 [numel / 2, 1] (two codes per byte) and
+    ``absmax`` float32 [numel / blocksize], plus what is needed to decode them."""
 
     packed: torch.Tensor
-    state: object
+    absmax: torch.Tensor
     shape: tuple[int, ...]
     dtype: torch.dtype
     quant_type: str
     blocksize: int
 
     def dequantize(self) -> torch.Tensor:
-        """The dequantised weight, in the dtype it was quantised from."""
-        return _functional("4-bit dequantisation").dequantize_4bit(self.packed, self.state).to(self.dtype)
+        """The dequantised weight [shape], in the dtype it was quantised from."""
+        return dequantize_4bit(self.packed, self.absmax, self.shape, self.dtype, self.quant_type, self.blocksize)
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+                    quant_type: str, blocksize: int) -> torch.Tensor:
+    """Decode a weight stored as :class:`Quantized4bit` tensors (e.g. module buffers)."""
+    functional = _functional("4-bit dequantisation")
+    state = functional.QuantState(absmax=absmax, shape=torch.Size(shape), blocksize=blocksize,
+                                  code=functional.get_4bit_type(quant_type, device=packed.device),
+                                  quant_type=quant_type, dtype=torch.float32)
+    return functional.dequantize_4bit(packed, state).to(dtype)
 
 
 def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
@@ -59,8 +70,8 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int 
     if quant_type not in ("nf4", "fp4"):
         raise ValueError(f"quant_type={quant_type!r}: bitsandbytes 4-bit types are 'nf4' and 'fp4'")
     if weight.dim() != 2 or weight.shape[1] % blocksize:
-        raise ValueError(f"{feature}: a weight of shape {tuple(weight.shape)} has rows that are not a multiple "
-                         f"of the block size {blocksize}; pick a blocksize dividing {weight.shape[-1]}")
+        raise ValueError(f"{feature}: a weight (shard) of shape {tuple(weight.shape)} has rows that are not a "
+                         f"multiple of the block size {blocksize}; pick a blocksize dividing {weight.shape[-1]}")
     packed, state = functional.quantize_4bit(weight.detach().float().contiguous(), blocksize=blocksize,
                                              compress_statistics=False, quant_type=quant_type)
-    return Quantized4bit(packed, state, tuple(weight.shape), weight.dtype, quant_type, blocksize)
+    return Quantized4bit(packed, state.absmax, tuple(weight.shape), weight.dtype, quant_type, blocksize)
