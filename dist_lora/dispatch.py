@@ -12,6 +12,7 @@ from torch import nn
 
 from dist_lora.layers.embedding import LoraEmbedding
 from dist_lora.layers.linear import LoraLinear
+from dist_lora.layers.quantized import QuantizedLinear
 from dist_lora.layers.sharding import BaseShard
 from dist_lora.parallel.collectives import group_rank, group_size
 
@@ -53,9 +54,14 @@ def _embedding(layer, vocab_size):
                      padded_vocab=layer.num_embeddings)
 
 
+def _quantized(layer, vocab_size):
+    return layer.shard
+
+
 def _dispatch_table() -> list[tuple[type, type, Callable]]:
     column, row, vocab = _megatron_types()
     return [
+        (QuantizedLinear, LoraLinear, _quantized),
         (column, LoraLinear, _column),
         (row, LoraLinear, _row),
         (vocab, LoraEmbedding, _vocab),

@@ -10,6 +10,7 @@ across shards.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -18,11 +19,7 @@ INSTALL_HINT = "install it with: pip install 'dist-lora[quant]' (bitsandbytes>=0
 
 
 def available() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def _functional(feature: str):

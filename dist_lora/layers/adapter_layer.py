@@ -80,6 +80,11 @@ class AdapterLayer(BaseWrapper):
 
     def check_mergeable(self, adapter: str) -> None:
         """Raise if ``adapter`` cannot be folded into this layer (checked before any write)."""
+        if getattr(self.base_layer, "quantized", False):
+            raise RuntimeError(
+                f"adapter {adapter!r} cannot be merged into a 4-bit base: the sum would be re-quantised and "
+                f"the adapter's update mostly lost. Export the adapter (export_peft) and merge it into the float "
+                f"base with `dist-lora merge` (or merge_release)")
         for factors in self.lora[adapter].values():
             self.base_weight()
             if factors.lora_bias is not None and getattr(self.base_layer, "bias", None) is None:

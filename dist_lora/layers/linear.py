@@ -89,7 +89,8 @@ class LoraLinear(AdapterLayer):
         ``bias="all"`` / ``"lora_only"`` would silently train nothing on column layers.
         """
         if (base_bias is None or not base_bias.requires_grad or not self.shard.megatron
-                or self.shard.kind != "column" or self.base_layer.weight.requires_grad):
+                or self.shard.kind != "column" or getattr(self.base_layer, "keeps_bias_gradient", False)
+                or self.base_layer.weight.requires_grad):
             return None
         return base_bias
 

@@ -84,7 +84,6 @@ def test_every_bundled_recipe_is_valid_and_starts_with_its_command(path):
 
 def test_slurm_srun_gives_the_losses_of_torchrun(tmp_path):
     """A real one-node Slurm (slurm-wlm + munge on loopback, started here and stopped after)."""
-    import os
 
     from dist_lora.testing.slurm import LoopbackSlurm, available
 
