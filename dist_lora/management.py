@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dist_lora.apply import _set_module, refresh
+from dist_lora.integrations.deepspeed import gathered
 from dist_lora.parallel.collectives import raise_if_any
 from dist_lora.registry import adapter_layers, registry, require_adapter, saved_modules, wrappers
 
@@ -96,7 +97,9 @@ def merge_adapter(model: nn.Module, adapter_names: list[str] | None = None, safe
         for module_name, layer in adapter_layers(model):
             for name in names:
                 if name in layer.adapter_names() and name not in layer.merged_adapters:
-                    for factors, merged, _ in layer.merge_candidates(name):
+                    with gathered(layer.parameters()):
+                        candidates = layer.merge_candidates(name)
+                    for factors, merged, _ in candidates:
                         if not torch.isfinite(merged).all() and bad is None:
                             bad = ValueError(f"merging adapter {name!r} into {module_name} gives non-finite "
                                              f"weights; the adapter is broken")
@@ -104,14 +107,16 @@ def merge_adapter(model: nn.Module, adapter_names: list[str] | None = None, safe
     for _, layer in adapter_layers(model):
         for name in names:
             if name in layer.adapter_names():
-                layer.merge(name)
+                with gathered(layer.parameters(), modify=True):  # ZeRO-3: this layer's full weights
+                    layer.merge(name)
 
 
 def unmerge_adapter(model: nn.Module) -> None:
     """Take every merged adapter back out of the base weights."""
     for _, layer in adapter_layers(model):
         for name in list(reversed(layer.merged_adapters)):
-            layer.unmerge(name)
+            with gathered(layer.parameters(), modify=True):
+                layer.unmerge(name)
 
 
 def _unwrap(model: nn.Module, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
@@ -126,7 +131,8 @@ def _unwrap(model: nn.Module, merge: bool, safe_merge: bool, adapter_names) -> n
             weight = module.base_layer.weight
             if weight is None:
                 raise RuntimeError(f"{name} shares its weight with the embedding; cannot write its saved copy")
-            weight.data.copy_(module.copies[chosen].data)
+            with gathered([weight, module.copies[chosen]], modify=True):
+                weight.data.copy_(module.copies[chosen].data)
         _set_module(model, name, module.base_layer)
     delattr(model, "dist_lora_adapters")
     return model

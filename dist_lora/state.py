@@ -13,14 +13,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dist_lora.integrations.deepspeed import gathered, is_partitioned
 from dist_lora.layers.adapter_layer import AdapterLayer
 from dist_lora.layers.factors import LoraFactors
 from dist_lora.layers.sharding import FactorLayout
 from dist_lora.parallel.collectives import all_gather_object, all_gather_tensors, raise_if_any
 from dist_lora.peft_names import PREFIX, bias_key, join_fused, peft_key, split_fused
-from dist_lora.registry import adapter_layers, require_adapter, saved_modules
+from dist_lora.registry import adapter_layers, require_adapter, saved_modules, wrappers
 
 
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every tensor an adapter state dict reads or writes: factors, modules_to_save copies and
+    base biases, never a base weight (so ZeRO-3 gathers only these for export / loading)."""
+    return [p for _, wrapper in wrappers(model) for name, p in wrapper.named_parameters()
+            if not (name.startswith("base_layer.") and not name.endswith(".bias"))]
 
 def _spec(model: nn.Module):
     info = getattr(model, "dist_lora", None)
@@ -32,7 +38,8 @@ def _kind(layer: AdapterLayer) -> str:
 
 
 def _gather(tensor: torch.Tensor, layout: FactorLayout, group) -> torch.Tensor:
-    return layout.gather(all_gather_tensors(tensor, group) if layout.dim is not None else [tensor.detach()])
+    sharded = layout.dim is not None and group is not None  # group None: a plain (TP = 1) layer
+    return layout.gather(all_gather_tensors(tensor, group) if sharded else [tensor.detach()])
 
 
 def _factor_entries(layer: AdapterLayer, factors: LoraFactors, spec, gradients: bool) -> dict[str, torch.Tensor]:
@@ -80,6 +87,15 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", gradient
     Memory: the full adapter on every rank (adapters are small; the base is never gathered).
     """
     require_adapter(model, adapter_name)
+    params = adapter_parameters(model)
+    if gradients and any(is_partitioned(p) for p in params):
+        raise ValueError("under ZeRO-3 gradients live in DeepSpeed's partitioned buffers, not in .grad; "
+                         "read them with deepspeed.utils.safe_get_full_grad")
+    with gathered(params):
+        return _adapter_state_dict(model, adapter_name, gradients)
+
+
+def _adapter_state_dict(model: nn.Module, adapter_name: str, gradients: bool) -> dict:
     spec = _spec(model)
     out: dict[str, torch.Tensor] = {}
     for _, layer in adapter_layers(model):
@@ -140,7 +156,7 @@ def set_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ada
     require_adapter(model, adapter_name)
     spec, used, error = _spec(model), set(), None
     try:
-        with torch.no_grad():
+        with torch.no_grad(), gathered(adapter_parameters(model), modify=True):
             for _, layer in adapter_layers(model):
                 for factors in layer.factors_of(adapter_name).values():
                     slot, tensors = factors.slot, {}

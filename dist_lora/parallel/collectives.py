@@ -214,39 +214,46 @@ class _SplitFirstDim(torch.autograd.Function):
         return _all_gather_dim(grad, 0, ctx.group), None
 
 
+def _spans(group: Group) -> bool:
+    """Whether a differentiable collective over ``group`` communicates. ``None`` here means *no*
+    group (an unsharded layer, e.g. a plain ``nn.Linear`` with TP = 1), never the whole world:
+    a data-parallel job must not sum a TP-free layer's activations over its DP replicas."""
+    return group is not None and group_size(group) > 1
+
+
 def copy_to_group(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Identity forward; all-reduce of the gradient (enter a tensor-parallel region)."""
-    return _CopyToGroup.apply(x, group) if group_size(group) > 1 else x
+    return _CopyToGroup.apply(x, group) if _spans(group) else x
 
 
 def reduce_from_group(x: torch.Tensor, group: Group) -> torch.Tensor:
     """All-reduce (sum) forward; identity backward (leave a row-parallel region)."""
-    return _ReduceFromGroup.apply(x, group) if group_size(group) > 1 else x
+    return _ReduceFromGroup.apply(x, group) if _spans(group) else x
 
 
 def gather_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
     """[..., n/p] -> [..., n] forward; backward keeps this rank's slice."""
-    return _GatherLastDim.apply(x, group) if group_size(group) > 1 else x
+    return _GatherLastDim.apply(x, group) if _spans(group) else x
 
 
 def split_last_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
     """[..., n] -> [..., n/p] forward; backward all-gathers."""
-    return _SplitLastDim.apply(x, group) if group_size(group) > 1 else x
+    return _SplitLastDim.apply(x, group) if _spans(group) else x
 
 
 def gather_first_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
     """[s/p, ...] -> [s, ...] forward (sequence parallel); backward reduce-scatters."""
-    return _GatherFirstDim.apply(x, group) if group_size(group) > 1 else x
+    return _GatherFirstDim.apply(x, group) if _spans(group) else x
 
 
 def reduce_scatter_first_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
     """[s, ...] partial sums -> [s/p, ...] reduced forward; backward all-gathers."""
-    return _ReduceScatterFirstDim.apply(x, group) if group_size(group) > 1 else x
+    return _ReduceScatterFirstDim.apply(x, group) if _spans(group) else x
 
 
 def split_first_dim(x: torch.Tensor, group: Group) -> torch.Tensor:
     """[s, ...] -> [s/p, ...] forward; backward all-gathers."""
-    return _SplitFirstDim.apply(x, group) if group_size(group) > 1 else x
+    return _SplitFirstDim.apply(x, group) if _spans(group) else x
 
 
 # ----------------------------------------------------------------------------------------

@@ -30,11 +30,12 @@ def loss_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
 
 
-def peft_model(family: str, config: dict, state: dict | None = None):
-    """PEFT model on the tiny ``family`` base (seed 0); ``state`` replaces the adapter."""
+def peft_model(family: str, config: dict, state: dict | None = None, base=None):
+    """PEFT model on the tiny ``family`` base (seed 0) or on ``base``; ``state`` replaces the adapter."""
     import peft
 
-    model = peft.get_peft_model(hf_model(TINY_CONFIGS[family]), peft.LoraConfig(**config))
+    base = hf_model(TINY_CONFIGS[family]) if base is None else base
+    model = peft.get_peft_model(base, peft.LoraConfig(**config))
     if state is not None:
         result = peft.set_peft_model_state_dict(model, state)
         if result.unexpected_keys:
@@ -43,11 +44,12 @@ def peft_model(family: str, config: dict, state: dict | None = None):
 
 
 def reference_run(family: str, config: dict, ids: torch.Tensor, labels: torch.Tensor, steps: int = 3,
-                  lr: float = 1e-2, eps: float = 1e-8, state: dict | None = None) -> dict:
-    """Logits, loss, gradients and the adapter after ``steps`` AdamW steps, from PEFT."""
+                  lr: float = 1e-2, eps: float = 1e-8, state: dict | None = None, base=None) -> dict:
+    """Logits, loss, gradients and the adapter after ``steps`` AdamW steps, from PEFT (on the
+    tiny ``family`` model, or on the HF model ``base``)."""
     import peft
 
-    model = peft_model(family, config, state)
+    model = peft_model(family, config, state, base)
     start = {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(model).items()}
     logits = model(ids).logits
     loss = loss_of(logits, labels)

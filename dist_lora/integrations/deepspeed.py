@@ -1,0 +1,82 @@
+"""The one seam to DeepSpeed (optional: ``pip install 'dist-lora[deepspeed]'``).
+
+dist_lora adapters on a Hugging Face model train under ZeRO stages 0-3 with a client
+``torch.optim`` optimizer that holds the adapter parameters only. Two things make the adapter
+wrappers ZeRO-3 safe:
+
+* the wrapper reads its adapter factors directly instead of calling them as modules, and ZeRO-3
+  fetches a module's parameters only when that module is called; so every adapter tensor is
+  registered as an *external parameter* of its wrapper (fetched with the wrapper's forward and
+  backward). Marking wrappers as ZeRO-3 leaf modules instead is wrong: DeepSpeed reduces a leaf's
+  gradients in a module backward hook that can fire before autograd has accumulated the
+  gradient of ``lora_B`` (it then reduces zeros and the late accumulation fails);
+* :func:`gathered` materialises partitioned parameters for code that reads or writes them
+  outside a forward (export, state dicts, merging), and is a no-op for ordinary tensors.
+
+Without a GPU, ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported (gloo back-end).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+INSTALL_HINT = "install it with: pip install 'dist-lora[deepspeed]' (deepspeed>=0.15)"
+
+
+def available() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def _deepspeed(feature: str = "the DeepSpeed path"):
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as exc:
+        raise ImportError(f"{feature} needs DeepSpeed, which is not installed; {INSTALL_HINT}") from exc
+    return deepspeed
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """Whether ``param`` is managed by ZeRO-3 (its ``.data`` may be an empty placeholder)."""
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.Tensor], modify: bool = False) -> Iterator[None]:
+    """Inside the block, ZeRO-3 partitioned ``params`` hold their full values on every rank.
+
+    With ``modify=True`` the values rank 0 holds at exit are re-partitioned (every rank must
+    compute the same update). Collective over the data-parallel group when any parameter is
+    partitioned (every rank must enter it with the same parameters); otherwise a no-op."""
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        yield
+        return
+    with _deepspeed().zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        yield
+
+
+def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict):
+    """A DeepSpeed engine for ``model`` on the already initialised process group.
+
+    Adapter tensors become external parameters of their wrappers first (see module docstring)."""
+    deepspeed = _deepspeed()
+    from dist_lora.registry import wrappers
+
+    for _, wrapper in wrappers(model):
+        for name, param in wrapper.named_parameters():
+            if not name.startswith("base_layer."):
+                deepspeed.zero.register_external_parameter(wrapper, param)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
+    return engine
+
+
+def zero_stage(engine) -> int:
+    return int(engine.zero_optimization_stage())
