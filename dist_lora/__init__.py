@@ -28,6 +28,7 @@ from dist_lora.management import (
     unload,
     unmerge_adapter,
 )
+from dist_lora.quantize import quantize_base
 from dist_lora.replicas import check_replicas
 from dist_lora.state import adapter_state_dict, set_adapter_state_dict
 
@@ -48,6 +49,7 @@ __all__ = [
     "load_training_state",
     "merge_adapter",
     "merge_and_unload",
+    "quantize_base",
     "save_adapter",
     "save_training_state",
     "set_adapter",

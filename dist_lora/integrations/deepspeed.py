@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import warnings
 from typing import Iterable, Iterator
 
 import torch
@@ -36,6 +37,8 @@ def available() -> bool:
 def _deepspeed(feature: str = "the DeepSpeed path"):
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per bucket.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
     try:
         import deepspeed
     except ImportError as exc:
@@ -80,3 +83,21 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict)
 
 def zero_stage(engine) -> int:
     return int(engine.zero_optimization_stage())
+
+
+def save_checkpoint(engine, path, client_state: dict) -> None:
+    """DeepSpeed's checkpoint of the trainable state (adapters, their ZeRO optimizer partitions)
+    in the directory ``path`` (frozen base weights are not written). Collective."""
+    path = os.fspath(path)
+    engine.save_checkpoint(os.path.dirname(path), tag=os.path.basename(path), client_state=client_state,
+                           save_latest=False, exclude_frozen_parameters=True)
+
+
+def load_checkpoint(engine, path) -> dict:
+    """Restore a :func:`save_checkpoint` directory; returns its ``client_state``. Collective."""
+    path = os.fspath(path)
+    load_path, client_state = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
+                                                     load_module_strict=False)
+    if load_path is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint in {path}")
+    return client_state

@@ -22,6 +22,8 @@ class ModelSection:
     hf_dir: typing.Optional[str] = None  # a Hugging Face model directory, or
     demo_config: typing.Optional[str] = None  # an HF config.json built with random weights (demo)
     demo_seed: int = 0
+    quantize: typing.Optional[str] = None  # nf4 | fp4: 4-bit base weights (QLoRA), adapters stay in train.dtype
+    quantize_blocksize: int = 64
 
 
 @dataclass
@@ -71,6 +73,11 @@ class OutputSection:
 
 
 @dataclass
+class DeepSpeedSection:
+    config: typing.Optional[str] = None  # a ZeRO JSON (configs/deepspeed/); used by launch/finetune_deepspeed.py
+
+
+@dataclass
 class FinetuneConfig:
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
@@ -79,6 +86,7 @@ class FinetuneConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     output: OutputSection = field(default_factory=OutputSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
     def lora_config(self) -> LoraConfig:
         return LoraConfig(**self.lora)
@@ -141,6 +149,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
         raise ValueError(f"data.tokenizer must be auto or bytes, got {config.data.tokenizer!r}")
     if config.train.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"train.dtype must be float32 or bfloat16, got {config.train.dtype!r}")
+    if config.model.quantize not in (None, "nf4", "fp4"):
+        raise ValueError(f"model.quantize must be nf4, fp4 or null, got {config.model.quantize!r}")
     for name in ("steps", "micro_batch_size", "micro_batches", "log_every"):
         if getattr(config.train, name) < 1:
             raise ValueError(f"train.{name} must be >= 1")

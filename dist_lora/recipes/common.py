@@ -1,0 +1,139 @@
+"""What the Megatron and DeepSpeed fine-tuning loops share: the learning-rate schedule, the base
+model directory, data, the metrics log (progress bar + ``metrics.jsonl``), the ``latest``
+checkpoint pointer, the peft verification of the export, and the loss curve."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from dist_lora.parallel.collectives import barrier, broadcast_object
+from dist_lora.recipes.config import FinetuneConfig
+from dist_lora.recipes.data import Batches, read_texts, samples, tokenizer_for
+
+LATEST = "latest"
+
+
+def learning_rate(step: int, train) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+    return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def base_dir(config: FinetuneConfig, out: Path, rank: int) -> Path:
+    """The HF model directory: ``model.hf_dir``, or the demo model built once by rank 0."""
+    if config.model.hf_dir is not None:
+        return Path(config.model.hf_dir)
+    base = out / "base"
+    if rank == 0 and not (base / "config.json").is_file():
+        from dist_lora.testing.tiny import save_tiny
+
+        save_tiny(config.model.demo_config, base, seed=config.model.demo_seed)
+    barrier()
+    return base
+
+
+def training_data(config: FinetuneConfig, base: Path, dp_size: int, dp_rank: int) -> tuple[torch.Tensor, Batches]:
+    """(held-out sequences [n, seq_len] for verification, this DP rank's training batches)."""
+    tokenizer = tokenizer_for(config.data.tokenizer, str(base))
+    data = samples(read_texts(config.data.path, config.data.format, config.data.text_field), tokenizer,
+                   config.data.seq_len)
+    held = min(config.data.holdout_sequences, max(1, len(data) // 10))
+    t = config.train
+    return data[-held:, :-1], Batches(data[:-held], t.micro_batch_size * t.micro_batches, dp_size, dp_rank)
+
+
+def latest(checkpoints: Path) -> Path | None:
+    pointer = checkpoints / LATEST
+    return checkpoints / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def point_latest(checkpoints: Path, name: str) -> None:
+    """Atomically make ``checkpoints/latest`` name the checkpoint ``name`` (rank 0 only)."""
+    (checkpoints / f".{LATEST}.tmp").write_text(name)
+    (checkpoints / f".{LATEST}.tmp").replace(checkpoints / LATEST)
+
+
+class MetricsLog:
+    """Rank 0's progress bar and ``metrics.jsonl`` (one JSON object per step)."""
+
+    def __init__(self, out: Path, config: FinetuneConfig, start: int, rank: int, tokens_per_step: int):
+        from tqdm import tqdm
+
+        self.file, self.rank, self.tokens_per_step = out / "metrics.jsonl", rank, tokens_per_step
+        self.log_every = config.train.log_every
+        if rank == 0 and self.file.exists():  # keep only the steps the checkpoint contains
+            kept = [line for line in self.file.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start]
+            self.file.write_text("".join(line + "\n" for line in kept))
+        self.bar = tqdm(total=config.train.steps, initial=start, disable=rank != 0, desc="fine-tuning",
+                        unit="step", mininterval=1.0)
+        self.began = time.perf_counter()
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, seconds: float) -> None:
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": self.tokens_per_step / seconds, "elapsed_s": time.perf_counter() - self.began}
+        if self.rank == 0:
+            with open(self.file, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if step % self.log_every == 0:
+                self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", gnorm=f"{grad_norm:.2f}",
+                                     tok_s=f"{record['tokens_per_s']:.0f}")
+        self.bar.update()
+
+    def close(self, out: Path, adapter: Path) -> None:
+        self.bar.close()
+        if self.rank == 0 and self.file.exists():
+            plot(self.file, out / "loss.png")
+            print(f"adapter: {adapter}  metrics: {self.file}  loss curve: {out / 'loss.png'}", flush=True)
+
+
+def verify(ours: torch.Tensor, base: Path, adapter: Path, holdout: torch.Tensor, tolerance: float, rank: int,
+           quantize: tuple[str, int] | None = None) -> str:
+    """Compare our logits on ``holdout`` with peft's (base + exported adapter) on rank 0; the
+    verdict on every rank. With a 4-bit base (``quantize`` = (type, blocksize)) peft runs on the
+    base whose linear weights (not lm_head) are replaced by the same dequantised values."""
+    verdict = None
+    if rank == 0:
+        import peft
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager", dtype=torch.float32)
+        if quantize is not None:
+            from dist_lora.integrations.bitsandbytes import quantize_4bit
+
+            with torch.no_grad():
+                for name, module in model.named_modules():
+                    if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head":
+                        module.weight.copy_(quantize_4bit(module.weight, *quantize).dequantize())
+        reference = peft.PeftModel.from_pretrained(model, adapter).eval()
+        with torch.no_grad():
+            theirs = reference(holdout).logits.float()
+        diff = (ours.float() - theirs).abs().max().item()
+        ok = diff <= tolerance * max(1.0, theirs.abs().max().item())
+        verdict = f"peft verification {'OK' if ok else 'FAILED'}: max |logits - peft| = {diff:.2e}"
+    return broadcast_object(verdict)
+
+
+def plot(metrics_file: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("dist_lora fine-tuning")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
