@@ -13,6 +13,7 @@ with warnings.catch_warnings():
     # Engine; that fallback is what dist_lora uses on purpose.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
     from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -27,6 +28,8 @@ with warnings.catch_warnings():
 
 __all__ = [
     "ColumnParallelLinear",
+    "DistributedDataParallel",
+    "DistributedDataParallelConfig",
     "GPTModel",
     "RowParallelLinear",
     "TransformerBlockSubmodules",

@@ -25,6 +25,7 @@ class ModelInfo:
     dtype: torch.dtype
     source: str
     bytes_read: int = 0
+    ddp: object = None  # Megatron-Core DistributedDataParallel reducing DP gradients (use_megatron_ddp)
 
 
 def model_info(model: torch.nn.Module) -> ModelInfo:

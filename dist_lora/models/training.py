@@ -10,6 +10,8 @@ and sums the partial gradients of sequence-parallel parameters over TP.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from dist_lora.integrations.megatron import get_forward_backward_func
@@ -93,17 +95,45 @@ def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_m
     return broadcast_(total.clone(), groups.pp_size - 1, groups.pp_group)
 
 
-def finalize_grads(model) -> None:
-    """Average trainable gradients over data-parallel ranks; sum sequence-parallel partial
-    gradients (norm weights, row-parallel biases) over TP. Call after backward, before the step."""
+def use_megatron_ddp(model, bucket_size: int | None = None) -> None:
+    """Reduce data-parallel gradients with Megatron-Core's ``DistributedDataParallel``: backward
+    hooks accumulate each trainable gradient into contiguous fp32 buckets, and
+    :func:`finalize_grads` all-reduces whole buckets (a few collectives per step instead of one
+    per adapter tensor). Forward and backward still call ``model`` itself.
+
+    Call after the adapters are applied (the buckets cover the parameters trainable now; ones
+    made trainable later are reduced tensor by tensor). No-op without data parallelism."""
+    from dist_lora.integrations.megatron import DistributedDataParallel, DistributedDataParallelConfig
+
     info = model_info(model)
-    groups = info.groups
+    if info.groups.dp_size == 1 or info.ddp is not None:
+        return
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False, bucket_size=bucket_size)
+    model.dist_lora = dataclasses.replace(info, ddp=DistributedDataParallel(model.config, ddp_config, module=model))
+
+
+def finalize_grads(model) -> None:
+    """Average trainable gradients over data-parallel ranks (Megatron DDP's buckets when
+    :func:`use_megatron_ddp` is on, else one all-reduce per tensor); sum sequence-parallel
+    partial gradients (norm weights, row-parallel biases) over TP. Call after backward, before
+    the step; the gradients are then in ``.grad`` (and DDP's buffers are cleared)."""
+    info = model_info(model)
+    groups, ddp = info.groups, info.ddp
+    bucketed = set()
+    if ddp is not None:
+        ddp.finish_grad_sync()  # scales by 1/dp and all-reduces each bucket
+        for param in model.parameters():
+            if param.requires_grad and getattr(param, "main_grad", None) is not None:
+                param.grad = param.main_grad.to(param.dtype).clone()
+                bucketed.add(id(param))
+        ddp.zero_grad_buffer()
     for param in model.parameters():
         if not param.requires_grad or param.grad is None:
             continue
         if groups.sequence_parallel and getattr(param, "sequence_parallel", False):
             all_reduce_(param.grad, groups.tp_group)
-        if groups.dp_size > 1:
+        if groups.dp_size > 1 and id(param) not in bucketed:
             all_reduce_(param.grad, groups.dp_group)
             param.grad.div_(groups.dp_size)
 

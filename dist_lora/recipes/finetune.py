@@ -1,7 +1,7 @@
 """The fine-tuning loop for Megatron models: explicit, one step per iteration, nothing hidden.
 
 Per step: the DP rank's batch -> ``forward_backward`` (Megatron's pipeline schedule with PP,
-``train.micro_batches`` micro-batches) -> ``finalize_grads`` (DP average, SP sums) ->
+``train.micro_batches`` micro-batches) -> ``finalize_grads`` (DP average in Megatron-Core DDP's buckets, SP sums) ->
 ``clip_grad_norm`` (global norm) -> AdamW with linear warm-up and cosine decay. Rank 0 shows a
 progress bar and appends the metrics to ``metrics.jsonl``. Training checkpoints every
 ``checkpoint.every`` steps (``--resume`` continues from the latest with bit-identical losses on
@@ -18,7 +18,7 @@ import torch
 
 import dist_lora as dl
 from dist_lora import models, parallel
-from dist_lora.models.training import clip_grad_norm, finalize_grads, forward_backward
+from dist_lora.models.training import clip_grad_norm, finalize_grads, forward_backward, use_megatron_ddp
 from dist_lora.parallel.collectives import all_reduce_
 from dist_lora.recipes.common import MetricsLog, base_dir, latest, learning_rate, point_latest, training_data, verify
 from dist_lora.recipes.config import FinetuneConfig
@@ -43,6 +43,7 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
         quantize = (config.model.quantize, config.model.quantize_blocksize)
         dl.quantize_base(model, *quantize)
 
+    use_megatron_ddp(model)  # DP gradients reduced in Megatron-Core's buckets
     holdout, batches = training_data(config, base, groups.dp_size, groups.dp_rank)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=t.lr,
                                   weight_decay=t.weight_decay)

@@ -142,6 +142,33 @@ def logits_loss_gradients_and_adamw_steps_match_peft(ctx):
 
 
 @check("tp1", "tp2", "tp2-sp", "tp2-pp2")
+def megatron_ddp_buckets_give_peft_gradients_and_steps(ctx):
+    """The same with Megatron-Core's DistributedDataParallel reducing DP gradients in buckets."""
+    from dist_lora.models.training import use_megatron_ddp
+
+    for name in ("lora_all_linear", "dora"):
+        family, config = SCENARIOS[name]
+        ref = torch.load(Path(ctx.tmp) / f"ref_{name}.pt")
+        model = _model(ctx, name, family, config, ref["state"])
+        use_megatron_ddp(model, bucket_size=4000)  # several buckets even on the tiny model
+        ids, labels = _my_rows(ctx, ref["ids"]), _my_rows(ctx, ref["labels"])
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR,
+                                      weight_decay=0.01, eps=ADAM_EPS)
+        for step in range(STEPS):
+            optimizer.zero_grad(set_to_none=True)
+            forward_backward(model, ids, labels, num_microbatches=_microbatches(ctx))
+            if ctx.groups.dp_size > 1:  # the gradients went to DDP's buckets, not to .grad
+                assert model.dist_lora.ddp is not None
+                assert all(p.grad is None for p in model.parameters() if p.requires_grad)
+            finalize_grads(model)
+            if step == 0:
+                _assert_close(adapter_state_dict(model, gradients=True), ref["grads"], f"{name} DDP gradients")
+            optimizer.step()
+        ref_final = {k: v for k, v in ref["final"].items() if not k.endswith("base_layer.weight")}
+        _assert_close(adapter_state_dict(model), ref_final, f"{name} DDP after {STEPS} AdamW steps", tol=1e-4)
+
+
+@check("tp1", "tp2", "tp2-sp", "tp2-pp2")
 def fused_megatron_adapter_equals_peft_projections_with_shared_a(ctx):
     family, config = FUSED
     ref = torch.load(Path(ctx.tmp) / "ref_fused.pt")
