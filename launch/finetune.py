@@ -9,26 +9,13 @@ group starts, so a wrong key fails at once on every rank with its name.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from dist_lora.recipes.config import load_config
+from dist_lora.recipes.common import launcher_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="recipe YAML")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except (OSError, ValueError) as err:
-        print(f"finetune: config error: {err}", file=sys.stderr)
-        return 2
-    from dist_lora.recipes.finetune import run
-
-    return run(config, resume=args.resume)
+    return launcher_main(__doc__, argv, "finetune")
 
 
 if __name__ == "__main__":

@@ -11,29 +11,13 @@ group starts, so a wrong key fails at once on every rank with its name.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from dist_lora.recipes.config import load_config
+from dist_lora.recipes.common import launcher_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="recipe YAML")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-        from dist_lora.recipes.deepspeed_run import engine_config, run
-
-        if config.deepspeed.config is None:
-            raise ValueError("deepspeed.config is not set: add deepspeed.config=configs/deepspeed/zero3.json")
-        engine_config(config)
-    except (OSError, ValueError) as err:
-        print(f"finetune_deepspeed: config error: {err}", file=sys.stderr)
-        return 2
-    return run(config, resume=args.resume)
+    return launcher_main(__doc__, argv, "deepspeed_run")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ def available() -> bool:
 def _deepspeed(feature: str = "the DeepSpeed path"):
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per bucket.
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+    # DeepSpeed 0.19 calls collective APIs that torch 2.13 deprecates (all_gather_into_tensor,
+    # reduce_scatter_tensor), once per bucket.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `.*_single` instead", category=FutureWarning)
     try:
         import deepspeed
     except ImportError as exc:

@@ -4,15 +4,18 @@ checkpoint pointer, the peft verification of the export, and the loss curve."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from dist_lora.parallel.collectives import barrier, broadcast_object
-from dist_lora.recipes.config import FinetuneConfig
+from dist_lora.recipes.config import FinetuneConfig, load_config
 from dist_lora.recipes.data import Batches, read_texts, samples, tokenizer_for
 
 LATEST = "latest"
@@ -137,3 +140,45 @@ def plot(metrics_file: Path, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def finish(model, logits: Callable[[torch.Tensor], torch.Tensor], config: FinetuneConfig, out: Path, base: Path,
+           holdout: torch.Tensor, rank: int, quantize: tuple[str, int] | None, log: MetricsLog) -> int:
+    """Export the adapter in PEFT's format, verify it against peft (``logits``: our model's, a
+    collective), draw the loss curve; the exit code (1 when verification fails)."""
+    import dist_lora as dl
+
+    adapter = out / "adapter"
+    dl.export_peft(model, adapter, base_model_name_or_path=str(base), overwrite=True)
+    code = 0
+    if config.output.verify:
+        tolerance = config.output.verify_tolerance
+        if config.train.dtype != "float32":
+            tolerance = max(tolerance, 5e-2)
+        verdict = verify(logits(holdout), base, adapter, holdout, tolerance, rank, quantize)
+        code = 0 if "OK" in verdict else 1
+        if rank == 0:
+            print(verdict, flush=True)
+    log.close(out, adapter)
+    return code
+
+
+def launcher_main(doc: str, argv: list[str] | None, run_name: str) -> int:
+    """The command line of a launch/ script: ``--config``, ``--resume`` and ``section.key=value``
+    overrides; the recipe (and the runner's own checks, ``check(config)`` in the runner module) is
+    validated before any process group starts, exiting 2 with the bad key named."""
+    import importlib
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="recipe YAML")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    args = parser.parse_args(argv)
+    runner = importlib.import_module(f"dist_lora.recipes.{run_name}")
+    try:
+        config = load_config(args.config, args.overrides)
+        runner.check(config)
+    except (OSError, ValueError) as err:
+        print(f"{Path(sys.argv[0]).stem}: config error: {err}", file=sys.stderr)
+        return 2
+    return runner.run(config, resume=args.resume)

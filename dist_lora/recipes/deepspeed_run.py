@@ -26,7 +26,7 @@ import dist_lora as dl
 from dist_lora import parallel
 from dist_lora.integrations import deepspeed as ds
 from dist_lora.parallel.collectives import all_reduce_
-from dist_lora.recipes.common import MetricsLog, base_dir, latest, learning_rate, point_latest, training_data, verify
+from dist_lora.recipes.common import MetricsLog, base_dir, finish, latest, learning_rate, point_latest, training_data
 from dist_lora.recipes.config import FinetuneConfig
 
 
@@ -61,16 +61,22 @@ def _loss(engine, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
 
 
-def run(config: FinetuneConfig, resume: bool = False) -> int:
-    """Run the recipe under DeepSpeed on this process's ranks; returns the exit code."""
-    from transformers import AutoModelForCausalLM
-
-    t = config.train
+def check(config: FinetuneConfig) -> None:
+    """What this runner needs beyond a valid recipe (checked before any process group starts)."""
     if config.deepspeed.config is None:
         raise ValueError("deepspeed.config is not set: name a ZeRO JSON, e.g. deepspeed.config=configs/deepspeed/zero3.json")
     if config.parallel.tensor_parallel != 1 or config.parallel.pipeline_parallel != 1 or config.parallel.sequence_parallel:
         raise ValueError("the DeepSpeed path is data-parallel only: set parallel.tensor_parallel=1, "
                          "parallel.pipeline_parallel=1, parallel.sequence_parallel=false (or use launch/finetune.py)")
+    engine_config(config)
+
+
+def run(config: FinetuneConfig, resume: bool = False) -> int:
+    """Run the recipe under DeepSpeed on this process's ranks; returns the exit code."""
+    from transformers import AutoModelForCausalLM
+
+    t = config.train
+    check(config)
     ds_config = engine_config(config)
     groups = parallel.initialize(1, 1, False, seed=t.seed)
     out, checkpoints = Path(config.output.dir), Path(config.checkpoint.dir)
@@ -119,18 +125,12 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
         log.bar.close()
         parallel.shutdown()
         return 0
-    adapter = out / "adapter"
-    dl.export_peft(model, adapter, base_model_name_or_path=str(base), overwrite=True)
-    code = 0
-    if config.output.verify:
-        engine.eval()
+    engine.eval()
+
+    def logits(ids):
         with torch.no_grad():
-            ours = engine(holdout).logits
-        verdict = verify(ours, base, adapter, holdout, config.output.verify_tolerance if t.dtype == "float32"
-                         else max(config.output.verify_tolerance, 5e-2), groups.rank, quantize)
-        code = 0 if "OK" in verdict else 1
-        if groups.rank == 0:
-            print(verdict, flush=True)
-    log.close(out, adapter)
+            return engine(ids).logits
+
+    code = finish(model, logits, config, out, base, holdout, groups.rank, quantize, log)
     parallel.shutdown()
     return code

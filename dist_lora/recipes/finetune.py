@@ -20,23 +20,27 @@ import dist_lora as dl
 from dist_lora import models, parallel
 from dist_lora.models.training import clip_grad_norm, finalize_grads, forward_backward, use_megatron_ddp
 from dist_lora.parallel.collectives import all_reduce_
-from dist_lora.recipes.common import MetricsLog, base_dir, latest, learning_rate, point_latest, training_data, verify
+from dist_lora.recipes.common import MetricsLog, base_dir, finish, latest, learning_rate, point_latest, training_data
 from dist_lora.recipes.config import FinetuneConfig
+
+
+def check(config: FinetuneConfig) -> None:
+    """What this runner needs beyond a valid recipe (checked before any process group starts)."""
+    if config.deepspeed.config is not None:
+        raise ValueError("deepspeed.config is set: run this recipe with launch/finetune_deepspeed.py")
 
 
 def run(config: FinetuneConfig, resume: bool = False) -> int:
     """Run the recipe on this process's ranks; returns the exit code."""
     p, t = config.parallel, config.train
-    if config.deepspeed.config is not None:
-        raise ValueError("deepspeed.config is set: run this recipe with launch/finetune_deepspeed.py")
+    check(config)
     groups = parallel.initialize(p.tensor_parallel, p.pipeline_parallel, p.sequence_parallel, seed=t.seed)
     out, checkpoints = Path(config.output.dir), Path(config.checkpoint.dir)
     if groups.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         checkpoints.mkdir(parents=True, exist_ok=True)
     base = base_dir(config, out, groups.rank)
-    dtype = torch.float32 if t.dtype == "float32" else torch.bfloat16
-    model = models.from_pretrained(base, dtype=dtype)
+    model = models.from_pretrained(base, dtype=torch.float32 if t.dtype == "float32" else torch.bfloat16)
     dl.apply_lora(model, config.lora_config())
     quantize = None
     if config.model.quantize is not None:
@@ -77,15 +81,6 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
         log.bar.close()
         parallel.shutdown()
         return 0
-    adapter = out / "adapter"
-    dl.export_peft(model, adapter, base_model_name_or_path=str(base), overwrite=True)
-    code = 0
-    if config.output.verify:
-        tolerance = config.output.verify_tolerance if dtype == torch.float32 else max(config.output.verify_tolerance, 5e-2)
-        verdict = verify(models.logits(model, holdout), base, adapter, holdout, tolerance, groups.rank, quantize)
-        code = 0 if "OK" in verdict else 1
-        if groups.rank == 0:
-            print(verdict, flush=True)
-    log.close(out, adapter)
+    code = finish(model, lambda ids: models.logits(model, ids), config, out, base, holdout, groups.rank, quantize, log)
     parallel.shutdown()
     return code
