@@ -66,10 +66,13 @@ def point_latest(checkpoints: Path, name: str) -> None:
 class MetricsLog:
     """Rank 0's progress bar and ``metrics.jsonl`` (one JSON object per step)."""
 
-    def __init__(self, out: Path, config: FinetuneConfig, start: int, rank: int, tokens_per_step: int):
+    def __init__(self, out: Path, config: FinetuneConfig, start: int, rank: int, dp_size: int):
         from tqdm import tqdm
 
-        self.file, self.rank, self.tokens_per_step = out / "metrics.jsonl", rank, tokens_per_step
+        t = config.train
+        self.file, self.rank = out / "metrics.jsonl", rank
+        self.tokens_per_step = t.micro_batch_size * t.micro_batches * dp_size * config.data.seq_len
+        self.last = min(t.steps, t.stop_at or t.steps)  # this run's last step (train.stop_at ends it early)
         self.log_every = config.train.log_every
         if rank == 0 and self.file.exists():  # keep only the steps the checkpoint contains
             kept = [line for line in self.file.read_text().splitlines()

@@ -98,10 +98,8 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
     resume_from = latest(checkpoints) if resume else None
     if resume_from is not None:
         start = ds.load_checkpoint(engine, resume_from)["data_position"]
-    log = MetricsLog(out, config, start, groups.rank,
-                     t.micro_batch_size * t.micro_batches * groups.dp_size * config.data.seq_len)
-    last = min(t.steps, t.stop_at or t.steps)
-    for step in range(start, last):
+    log = MetricsLog(out, config, start, groups.rank, groups.dp_size)
+    for step in range(start, log.last):
         tick = time.perf_counter()
         lr = learning_rate(step, t)
         for group in engine.optimizer.param_groups:
@@ -116,12 +114,12 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
         loss = all_reduce_(torch.stack(losses).mean(), groups.dp_group).item() / groups.dp_size
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
         log.step(step + 1, loss, lr, grad_norm, time.perf_counter() - tick)
-        if (step + 1) % config.checkpoint.every == 0 or step + 1 == last:
+        if (step + 1) % config.checkpoint.every == 0 or step + 1 == log.last:
             name = f"step-{step + 1:06d}"
             ds.save_checkpoint(engine, checkpoints / name, {"step": step + 1, "data_position": step + 1})
             if groups.rank == 0:
                 point_latest(checkpoints, name)
-    if last < t.steps:
+    if log.last < t.steps:
         log.bar.close()
         parallel.shutdown()
         return 0
