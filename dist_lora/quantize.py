@@ -2,7 +2,7 @@
 
 As bitsandbytes' ``load_in_4bit`` does for Hugging Face models, every linear layer is
 quantised, adapted or not, except the output layer (``lm_head`` / Megatron's
-``output_layer``); embeddings and norms stay as they are. On Megatron models each rank
+``output_layer``) and ``modules_to_save`` (trained in full); embeddings and norms stay as they are. On Megatron models each rank
 quantises its own TP shard: the result equals quantising the unsharded weight when each shard
 row is a whole number of blocks, which holds for every Llama / Mistral / Qwen2 size at TP <= 8
 with ``blocksize=64``. Plain ``torch.nn`` models (e.g. Hugging Face models trained under
@@ -16,6 +16,7 @@ from torch import nn
 from dist_lora.dispatch import describe
 from dist_lora.integrations import bitsandbytes
 from dist_lora.layers.adapter_layer import AdapterLayer
+from dist_lora.layers.modules_to_save import ModulesToSave
 from dist_lora.layers.quantized import QuantizedLinear
 from dist_lora.parallel.collectives import raise_if_any
 
@@ -28,8 +29,8 @@ def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module, st
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
             full = f"{name}.{child_name}" if name else child_name
-            if isinstance(module, AdapterLayer) and child_name != "base_layer":
-                continue  # adapter factors, modules_to_save copies
+            if isinstance(module, ModulesToSave) or (isinstance(module, AdapterLayer) and child_name != "base_layer"):
+                continue  # modules_to_save are trained in full; adapter factors stay float
             if isinstance(child, (AdapterLayer, QuantizedLinear)) or full.split(".")[-1] in OUTPUT_LAYERS:
                 continue
             if full.endswith(".base_layer") and full.split(".")[-2] in OUTPUT_LAYERS:
