@@ -162,7 +162,11 @@ def _apply_pattern(model: nn.Module, adapter_name: str, pattern: dict[str, list[
         key = f"{name}.lora_E"
         if key not in pattern:
             raise KeyError(f"rank_pattern has no entry {key!r}; it was learned on another model")
-        f.apply_mask(torch.tensor(pattern[key], dtype=torch.bool))
+        flags = torch.tensor(pattern[key], dtype=torch.bool)
+        if flags.numel() == f.r:
+            f.apply_mask(flags)
+        elif f.r != int(flags.sum()):  # shrunk layers hold exactly their kept triplets
+            raise ValueError(f"{name} has rank {f.r} but rank_pattern keeps {int(flags.sum())} of {flags.numel()}")
 
 
 def update_and_allocate(model: nn.Module, global_step: int, adapter_name: str = "default") -> dict | None:
