@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_lora import adapter_state_dict, apply_lora, set_adapter_state_dict
+from dist_lora import adapter_state_dict, apply_lora, merge_and_unload, set_adapter_state_dict
 from dist_lora.adalora import AdaLoraConfig, apply_adalora, orth_reg_loss, update_and_allocate
 from dist_lora.adalora.export import export_adalora
 from dist_lora.adalora.shrink import shrink_to_rank_pattern
@@ -103,4 +103,7 @@ def test_shrink_keeps_logits_and_exports_peft_loads(tmp_path):
         loaded = peft.PeftModel.from_pretrained(hf_model(TINY_CONFIGS["llama"]), str(out))
         with torch.no_grad():
             assert rel_error(loaded(input_ids=ids).logits, shrunk) <= 1e-5, fmt
+    merged = merge_and_unload(model)  # merge uses the SVD form's delta: scaling * P (Q * Lambda)
+    with torch.no_grad():
+        assert rel_error(merged(input_ids=ids).logits, shrunk) <= 1e-5
 
