@@ -169,6 +169,17 @@ def _apply_pattern(model: nn.Module, adapter_name: str, pattern: dict[str, list[
             raise ValueError(f"{name} has rank {f.r} but rank_pattern keeps {int(flags.sum())} of {flags.numel()}")
 
 
+def _check_same_step(global_step: int) -> None:
+    """Collective over the whole job: one all-reduce of (step, -step) with max gives the largest
+    and smallest step; every rank sees the same pair, so all raise together if they differ."""
+    extremes = torch.tensor([global_step, -global_step], dtype=torch.int64)
+    all_reduce_(extremes, None, "max")
+    high, low = int(extremes[0]), -int(extremes[1])
+    if high != low:
+        raise RankError(f"update_and_allocate got different global_step values on different ranks (from {low} "
+                        f"to {high}); every rank must pass the same global_step")
+
+
 def update_and_allocate(model: nn.Module, global_step: int, adapter_name: str = "default") -> dict | None:
     """Update importance, and mask Lambda to the step's global budget; call after the optimizer
     step and before ``zero_grad`` (PEFT's ``AdaLoraModel.update_and_allocate``).
@@ -182,11 +193,7 @@ def update_and_allocate(model: nn.Module, global_step: int, adapter_name: str = 
     if not isinstance(global_step, int) or isinstance(global_step, bool) or global_step < 0:
         error = ValueError(f"global_step must be a non-negative integer, got {global_step!r}")
     raise_if_any(error, what="update_and_allocate")
-    try:
-        check_same_on_all_ranks(global_step, what="global_step of update_and_allocate")
-    except RankError as err:
-        everyone = all_gather_object(global_step)
-        raise RankError(f"{err} (steps by rank: {everyone}); every rank must pass the same global_step") from None
+    _check_same_step(global_step)
     state = _state(model, adapter_name, config)
     final = config.total_step - config.tfinal
     if global_step > final:

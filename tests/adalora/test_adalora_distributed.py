@@ -20,6 +20,7 @@ import torch
 from dist_lora import models, set_adapter_state_dict, adapter_state_dict
 from dist_lora.adalora import AdaLoraConfig, apply_adalora, orth_reg_loss, update_and_allocate
 from dist_lora.adalora.export import export_adalora
+from dist_lora.adalora.shrink import shrink_to_rank_pattern
 from dist_lora.models.training import finalize_grads, forward_backward
 from dist_lora.parallel.collectives import RankError, all_gather_object
 from dist_lora.registry import require_adapter
@@ -102,6 +103,11 @@ def masks_ranks_loss_and_exports_match_peft(ctx):
         _close(adapter_state_dict(model), ref["states"][step], f"adapter after step {step}", 1e-4)
     logits = models.logits(model, ref["ids"])
     assert rel_error(logits, ref["final_logits"]) <= 1e-4
+    ranks = shrink_to_rank_pattern(model)  # physically, on every shard: same logits
+    stages = all_gather_object(sum(ranks.values()), ctx.groups.pp_group) if ctx.groups.pp_size > 1 else [sum(ranks.values())]
+    assert sum(stages) == CONFIG["target_r"] * 14  # 7 projections x 2 layers, target_r each on average
+    assert rel_error(models.logits(model, ref["ids"]), logits) <= 1e-6
+    update_and_allocate(model, STEPS)  # past the schedule: the shrunk layers already hold the pattern
     out = Path(ctx.tmp) / ctx.layout.name
     for fmt in ("adalora", "lora"):
         export_adalora(model, out / fmt, format=fmt)
