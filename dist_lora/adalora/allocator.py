@@ -201,7 +201,11 @@ def update_and_allocate(model: nn.Module, global_step: int, adapter_name: str = 
             f"step {global_step} is past total_step - tfinal = {final} but no rank_pattern was learned: "
             f"call update_and_allocate at every step (including {final})")
         raise_if_any(error, what="update_and_allocate")
-        _apply_pattern(model, adapter_name, config.rank_pattern)
+        try:
+            _apply_pattern(model, adapter_name, config.rank_pattern)
+        except (KeyError, ValueError) as err:
+            error = err
+        raise_if_any(error, what="update_and_allocate")
         return None
     if global_step < final:
         _update_importance(model, adapter_name, config, state)

@@ -19,14 +19,14 @@ from dist_lora.testing.peft_reference import rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model
 from tests.adalora.reference import ADAM_EPS, adalora_reference, shifted
 
-CONFIG = dict(init_r=3, target_r=1, lora_alpha=6, tinit=1, tfinal=2, total_step=6,
+CONFIG = dict(init_r=3, target_r=1, lora_alpha=6, tinit=1, tfinal=2, total_step=9, deltaT=2,
               target_modules=["down_proj", "q_proj", "v_proj"])
 
 
 @pytest.mark.parametrize("change, message", [
     (dict(total_step=None), "needs total_step"),
-    (dict(total_step=3), "must be larger than tinit \\+ tfinal"),
-    (dict(tinit=2, tfinal=4), "must be larger than tinit \\+ tfinal"),
+    (dict(total_step=3, deltaT=1), "must be larger than tinit \\+ tfinal"),
+    (dict(tinit=4, tfinal=5), "must be larger than tinit \\+ tfinal"),
     (dict(target_r=4), "target_r=4 is larger than init_r=3"),
     (dict(beta1=1.0), "beta1 must lie in"),
     (dict(use_dora=True), "DoRA"),
@@ -42,7 +42,7 @@ def test_config_round_trips_through_peft_json():
 
     ours = AdaLoraConfig(**CONFIG)
     theirs = peft.AdaLoraConfig(**ours.to_dict())
-    assert (theirs.init_r, theirs.target_r, theirs.total_step, theirs.tinit) == (3, 1, 6, 1)
+    assert (theirs.init_r, theirs.target_r, theirs.total_step, theirs.tinit, theirs.deltaT) == (3, 1, 9, 1, 2)
     assert AdaLoraConfig.from_dict(ours.to_dict()) == ours
 
 
@@ -53,7 +53,7 @@ def test_update_before_backward_and_wrong_models_are_refused():
     with pytest.raises(RuntimeError, match="call it after backward"):
         update_and_allocate(model, 2)
     with pytest.raises(RuntimeError, match="no rank_pattern was learned"):
-        update_and_allocate(model, 5)
+        update_and_allocate(model, 8)
     with pytest.raises(ValueError, match="non-negative integer"):
         update_and_allocate(model, -1)
     after = adapter_state_dict(model)
@@ -86,6 +86,8 @@ def test_shrink_keeps_logits_and_exports_peft_loads(tmp_path):
         optimizer.step()
         update_and_allocate(model, step)
         optimizer.zero_grad()
+        assert require_adapter(model, "default").rank_pattern == ref["patterns"][step], f"step {step}"
+    assert ref["patterns"][1] is None and ref["patterns"][2] == ref["patterns"][3] != ref["patterns"][4]  # deltaT=2
     pattern = require_adapter(model, "default").rank_pattern
     assert pattern == ref["patterns"][-1]
     with torch.no_grad():
