@@ -14,6 +14,7 @@ the same shapes. Median of 5 timed calls after one warm-up call each, interleave
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import sys
@@ -121,7 +122,9 @@ def main() -> None:
         "# AdaLoRA `update_and_allocate`: dist_lora vs peft RankAllocator",
         "",
         "Command: `PYTHONPATH=$PWD OMP_NUM_THREADS=1 .venv/bin/python benchmarks/adalora_allocator.py`",
-        f"Machine: {platform.machine()} CPU, 2 cores shared, no GPU; torch {torch.__version__}, 1 thread, one process.",
+        f"Machine: {platform.machine()} CPU, 2 cores shared, no GPU; torch {torch.__version__}, 1 thread, one process;",
+        f"1-minute load average at the end {os.getloadavg()[0]:.1f} (other jobs share the cores: absolute times vary",
+        "between runs, the ratio less; four runs gave 0.60-0.75).",
         "",
         f"224 Llama-3-8B-shaped adapted layers, init_r={INIT_R}, {n_params / 1e6:.1f}M adapter parameters (float32);",
         "masking step inside the budget schedule; median of 5 calls after one warm-up call. Both sides",
