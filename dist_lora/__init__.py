@@ -6,6 +6,14 @@ collectives live in ``dist_lora.models`` and ``dist_lora.parallel``.
 
 __version__ = "0.1.0"
 
+from dist_lora.adalora import (
+    AdaLoraConfig,
+    apply_adalora,
+    export_adalora,
+    orth_reg_loss,
+    shrink_to_rank_pattern,
+    update_and_allocate,
+)
 from dist_lora.apply import add_adapter, apply_lora
 from dist_lora.checkpoint import (
     export_peft,
@@ -33,27 +41,33 @@ from dist_lora.replicas import check_replicas
 from dist_lora.state import adapter_state_dict, set_adapter_state_dict
 
 __all__ = [
+    "AdaLoraConfig",
     "LoraConfig",
     "active_adapters",
     "adapter_state_dict",
     "add_adapter",
+    "apply_adalora",
     "apply_lora",
     "check_replicas",
     "delete_adapter",
     "disable_adapter",
     "disable_adapters",
     "enable_adapters",
+    "export_adalora",
     "export_peft",
     "import_peft",
     "load_adapter",
     "load_training_state",
     "merge_adapter",
     "merge_and_unload",
+    "orth_reg_loss",
     "quantize_base",
     "save_adapter",
     "save_training_state",
     "set_adapter",
     "set_adapter_state_dict",
+    "shrink_to_rank_pattern",
     "unload",
     "unmerge_adapter",
+    "update_and_allocate",
 ]

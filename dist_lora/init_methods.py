@@ -64,6 +64,10 @@ def initial_factors(method, shapes: dict, kind: str, r: int, seed: int, *names: 
     """Global initial tensors of one adapter slot; the generator is seeded from ``seed`` and
     ``names`` (adapter, module, slot), so every rank draws the same numbers."""
     check_init_method(method)
+    return INIT_METHODS[method](shapes, kind, r, seeded_generator(seed, *names))
+
+
+def seeded_generator(seed: int, *names: str) -> torch.Generator:
+    """A CPU generator seeded from ``seed`` and ``names``: the same numbers on every rank."""
     digest = hashlib.sha256("/".join((str(seed),) + names).encode()).digest()
-    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    return INIT_METHODS[method](shapes, kind, r, g)
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))

@@ -16,6 +16,9 @@ SUFFIXES = {
     ("linear", "lora_magnitude_vector"): "lora_magnitude_vector",
     ("embedding", "lora_A"): "lora_embedding_A",
     ("embedding", "lora_B"): "lora_embedding_B",
+    ("svd", "lora_A"): "lora_A",  # AdaLoRA keeps its factors in ParameterDicts: no ".weight"
+    ("svd", "lora_B"): "lora_B",
+    ("svd", "lora_E"): "lora_E",
 }
 
 

@@ -33,7 +33,9 @@ def _spec(model: nn.Module):
     return info.spec if info is not None else None
 
 
-def _kind(layer: AdapterLayer) -> str:
+def _kind(layer: AdapterLayer, factors: LoraFactors | None = None) -> str:
+    if factors is not None and factors.key_kind is not None:
+        return factors.key_kind
     return "embedding" if layer.shard.kind == "embedding" else "linear"
 
 
@@ -51,7 +53,7 @@ def _factor_entries(layer: AdapterLayer, factors: LoraFactors, spec, gradients: 
         full = _gather(value, layout, layer.shard.tp_group)
         slot = factors.slot
         for hf, tensor in split_fused(slot.fused, full, slot.hf_names, spec, shared=name == "lora_A").items():
-            out[peft_key(hf, _kind(layer), name)] = tensor.clone()
+            out[peft_key(hf, _kind(layer, factors), name)] = tensor.clone()
     return out
 
 
@@ -161,7 +163,7 @@ def set_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ada
                 for factors in layer.factors_of(adapter_name).values():
                     slot, tensors = factors.slot, {}
                     for name in factors.layouts():
-                        keys = [peft_key(hf, _kind(layer), name) for hf in slot.hf_names]
+                        keys = [peft_key(hf, _kind(layer, factors), name) for hf in slot.hf_names]
                         missing = [k for k in keys if k not in state]
                         if missing:
                             raise KeyError(f"the state dict lacks {missing[0]}")

@@ -25,6 +25,8 @@ from dist_lora.layers.slots import Slot
 class LoraFactors(nn.Module):
     """Local shards of A, B (and lora bias, DoRA magnitude) plus the adapter's scalars."""
 
+    key_kind: str | None = None  # PEFT key family of the tensors (None: by layer kind; "svd": AdaLoRA)
+
     def __init__(self, shard: BaseShard, slot: Slot, r: int, alpha: float, scaling: float,
                  dropout: float, lora_bias: bool, use_dora: bool, dtype: torch.dtype):
         super().__init__()
@@ -68,6 +70,10 @@ class LoraFactors(nn.Module):
             if tuple(full.shape) != shapes[name]:
                 raise ValueError(f"{name}: expected global shape {shapes[name]}, got {tuple(full.shape)}")
             getattr(self, name).copy_(layouts[name].local(full, shard.tp, shard.rank))
+
+    def scale_hidden(self, h: torch.Tensor, shard: BaseShard) -> torch.Tensor:
+        """Hook between the complete hidden ``A x`` [.., r] and ``B``: identity for LoRA."""
+        return h
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` on this rank's shard: [rows_local, in_local] (no collective)."""

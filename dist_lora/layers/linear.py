@@ -118,6 +118,7 @@ class LoraLinear(AdapterLayer):
 
     def _slot_delta(self, x, h, y, base_bias, factors: LoraFactors) -> torch.Tensor:
         """This slot's output delta [.., rows]; ``x`` is its (dropped-out) input, ``h`` its ``A x``."""
+        h = factors.scale_hidden(h, self.shard)
         lora_out = F.linear(h, self._replicated(factors.lora_B), self._replicated(factors.lora_bias))
         lora_out = lora_out * factors.scaling
         if factors.lora_magnitude_vector is None:

@@ -1,0 +1,40 @@
+"""Finding AdaLoRA adapters in a model, and the process groups the allocator reduces over."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from torch import nn
+
+from dist_lora.adalora.config import AdaLoraConfig
+from dist_lora.adalora.factors import SVDFactors
+from dist_lora.layers.adapter_layer import AdapterLayer
+from dist_lora.registry import adapter_layers, require_adapter
+
+
+def adalora_config(model: nn.Module, adapter_name: str) -> AdaLoraConfig:
+    config = require_adapter(model, adapter_name)
+    if not isinstance(config, AdaLoraConfig):
+        raise ValueError(f"adapter {adapter_name!r} is a {config.peft_type} adapter, not AdaLoRA "
+                         f"(add it with dist_lora.apply_adalora)")
+    return config
+
+
+def svd_factors(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, AdapterLayer, SVDFactors]]:
+    """(HF module name, wrapper, factors) of every local AdaLoRA slot, in a fixed order."""
+    for _, layer in adapter_layers(model):
+        for factors in layer.factors_of(adapter_name).values():
+            if isinstance(factors, SVDFactors):
+                yield factors.slot.hf_names[0], layer, factors
+
+
+def pp_group(model: nn.Module):
+    """The pipeline group when PP > 1, else ``None`` (nothing to exchange)."""
+    info = getattr(model, "dist_lora", None)
+    return info.groups.pp_group if info is not None and info.groups.pp_size > 1 else None
+
+
+def dp_group(model: nn.Module):
+    """The data-parallel group when DP > 1, else ``None``."""
+    info = getattr(model, "dist_lora", None)
+    return info.groups.dp_group if info is not None and info.groups.dp_size > 1 else None
