@@ -1,0 +1,245 @@
+"""``add_weighted_adapter`` on sharded Megatron models against PEFT's ``add_weighted_adapter`` on
+the unsharded HF model, every combination type. One 4-rank launch: ``tp2`` (TP2 x DP2),
+``tp4`` and ``tp2-pp2``.
+
+Two adapters cover per-projection slots of the fused q/k/v and gate/up layers, column
+(``v_proj``, ``up_proj``) and row (``o_proj``, ``down_proj``) layers, the vocab-parallel embedding
+and the (padded, vocabulary 101) output layer; the second adapter covers only some modules, so
+modules with one source are combined too. What is compared, per type:
+
+* ``linear``, ``cat``, ``ties``, ``magnitude_prune``: every factor equals PEFT's (1e-5).
+* ``svd`` types: every factor equals PEFT's up to the sign of each singular pair (LAPACK's sign
+  convention is arbitrary), and ``B A`` equals PEFT's ``B A``.
+* ``svd_clamp``: PEFT's clamp is not invariant to those signs, so the expected result is PEFT's
+  formula (``torch.quantile`` of ``cat(U S, Vh)`` on one process) applied to PEFT's factors
+  after aligning their signs with ours; our quantile is computed from shards.
+* DARE types: PEFT draws the masks with torch's global RNG. The reference replaces only that
+  draw (``merge_utils.random_pruning``) by our seeded global mask for the same module / tensor /
+  adapter (``task_arithmetic.dare_mask``), so everything else -- rescaling, sign election,
+  disjoint merge, the SVD -- is PEFT's own code. ``check_replicas`` then proves the replicated
+  factors (hence the masks) are identical on every TP rank and DP replica.
+* ``cat`` and ``svd`` adapters are activated and give PEFT's logits.
+* bad input raises on every rank and leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+import dist_lora as dl
+from dist_lora import models
+from dist_lora.combine.task_arithmetic import dare_mask
+from dist_lora.registry import adapter_layers, registry
+from dist_lora.testing import check, distributed_tests
+from dist_lora.testing.peft_reference import rel_error
+from dist_lora.testing.tiny import TINY_CONFIGS, save_tiny
+
+SEED = 1234
+WEIGHTS = [0.7, -1.3]
+CONFIGS = {
+    "one": dict(r=4, lora_alpha=8, init_lora_weights=False,
+                target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "o_proj", "down_proj",
+                                "embed_tokens", "lm_head"]),
+    "two": dict(r=4, lora_alpha=4, init_lora_weights=False,
+                target_modules=["q_proj", "v_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]),
+}
+CASES = {
+    "linear": dict(combination_type="linear"),
+    "cat": dict(combination_type="cat"),
+    "svd": dict(combination_type="svd", svd_rank=3),
+    "svd_clamp": dict(combination_type="svd", svd_rank=3, svd_clamp=0.8),
+    "ties": dict(combination_type="ties", density=0.5),
+    "ties_svd": dict(combination_type="ties_svd", density=0.5, majority_sign_method="frequency"),
+    "magnitude_prune": dict(combination_type="magnitude_prune", density=0.3),
+    "magnitude_prune_svd": dict(combination_type="magnitude_prune_svd", density=0.6),
+    "dare_linear": dict(combination_type="dare_linear", density=0.5),
+    "dare_ties": dict(combination_type="dare_ties", density=0.5),
+    "dare_linear_svd": dict(combination_type="dare_linear_svd", density=0.5),
+    "dare_ties_svd": dict(combination_type="dare_ties_svd", density=0.5, majority_sign_method="frequency"),
+}
+LOGIT_CASES = ("cat", "svd")
+
+
+def _ids():
+    return torch.randint(0, TINY_CONFIGS["llama"]["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(3))
+
+
+def _peft_with_our_dare_masks(model, new_name: str):
+    """Patches under which PEFT's DARE draws our seeded global mask of the same tensor."""
+    from peft.tuners.lora.model import LoraModel
+    from peft.utils import merge_utils
+
+    names = {id(m): n for n, m in model.base_model.model.named_modules()}
+    current = {}
+    generalized = LoraModel._generalized_task_arithmetic_weighted_adapter
+    svd = LoraModel._svd_generalized_task_arithmetic_weighted_adapter
+
+    def note(target, adapters, kind):
+        present = [a for a in adapters if a in target.lora_A or a in target.lora_embedding_A]
+        current.update(module=names[id(target)], calls=0, kind=kind, n=len(present),
+                       embedding=bool(target.lora_embedding_A))
+
+    def patched_generalized(self, combination_type, adapters, weights, target, *args, **kwargs):
+        note(target, adapters, "factors")
+        return generalized(self, combination_type, adapters, weights, target, *args, **kwargs)
+
+    def patched_svd(self, combination_type, adapters, weights, new_rank, target, *args, **kwargs):
+        note(target, adapters, "delta")
+        return svd(self, combination_type, adapters, weights, new_rank, target, *args, **kwargs)
+
+    def random_pruning(tensor, density, rescale):
+        i, n = current["calls"], current["n"]
+        current["calls"] += 1
+        if current["kind"] == "delta":
+            tensor_name, position = "delta", i
+        else:
+            tensor_name, position = ("lora_A", i) if i < n else ("lora_B", i - n)
+        transposed = current["kind"] == "delta" and current["embedding"]  # PEFT's embedding delta is (B A)^T
+        shape = tuple(tensor.shape[::-1]) if transposed else tuple(tensor.shape)
+        mask = dare_mask(shape, density, SEED, new_name, current["module"], tensor_name, str(position))
+        pruned = tensor * (mask.t() if transposed else mask)
+        return pruned / density if rescale else pruned
+
+    return [mock.patch.object(LoraModel, "_generalized_task_arithmetic_weighted_adapter", patched_generalized),
+            mock.patch.object(LoraModel, "_svd_generalized_task_arithmetic_weighted_adapter", patched_svd),
+            mock.patch.object(merge_utils, "random_pruning", random_pruning)]
+
+
+def prepare(tmp: Path) -> dict:
+    import peft
+
+    from dist_lora.testing.peft_reference import peft_model
+
+    save_tiny(TINY_CONFIGS["llama"], tmp / "llama")
+    model = peft_model("llama", CONFIGS["one"])  # adapter "default" = "one"
+    model.add_adapter("two", peft.LoraConfig(**CONFIGS["two"]))
+    states = {"one": peft.get_peft_model_state_dict(model, adapter_name="default"),
+              "two": peft.get_peft_model_state_dict(model, adapter_name="two")}
+    ids, out, logits = _ids(), {}, {}
+    for name, kwargs in CASES.items():
+        patches = _peft_with_our_dare_masks(model, name) if "dare" in name else []
+        for p in patches:
+            p.start()
+        try:
+            model.base_model.add_weighted_adapter(["default", "two"], WEIGHTS, name, **kwargs)
+        finally:
+            for p in patches:
+                p.stop()
+        out[name] = {k: v.clone() for k, v in peft.get_peft_model_state_dict(model, adapter_name=name).items()
+                     if not k.endswith("base_layer.weight")}
+        if name in LOGIT_CASES:
+            model.set_adapter(name)
+            with torch.no_grad():
+                logits[name] = model(ids).logits
+    torch.save({"ids": ids, "states": states, "combined": out, "logits": logits}, tmp / "refs.pt")
+    return {"llama": str(tmp / "llama")}
+
+
+def _model(ctx, refs):
+    model = models.from_pretrained(ctx.data["llama"])
+    dl.apply_lora(model, dl.LoraConfig(**CONFIGS["one"]), "one")
+    dl.add_adapter(model, dl.LoraConfig(**CONFIGS["two"]), "two")
+    for name in ("one", "two"):
+        dl.set_adapter_state_dict(model, refs["states"][name], name)
+    return model
+
+
+def _pairs(state: dict):
+    """(A key, B key) of every module of a PEFT state dict."""
+    for key in state:
+        if key.endswith("lora_A.weight") or key.endswith("lora_embedding_A"):
+            yield key, key.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+
+
+def _aligned(ours: dict, ref: dict) -> dict:
+    """``ref`` with each singular pair's sign flipped to match ``ours`` (rows of A, columns of B)."""
+    out = dict(ref)
+    for a, b in _pairs(ref):
+        signs = torch.sign((ours[a] * ref[a]).sum(1))
+        signs[signs == 0] = 1
+        out[a], out[b] = ref[a] * signs[:, None], ref[b] * signs
+    return out
+
+
+def _assert_close(ours: dict, ref: dict, what: str, tol: float = 1e-5):
+    assert sorted(ours) == sorted(ref), (what, sorted(set(ours) ^ set(ref)))
+    worst = max(ref, key=lambda k: rel_error(ours[k], ref[k]))
+    assert rel_error(ours[worst], ref[worst]) <= tol, f"{what}: {worst} relative error {rel_error(ours[worst], ref[worst]):.2e}"
+
+
+def _products(state: dict) -> dict:
+    return {a: state[b] @ state[a] for a, b in _pairs(state)}
+
+
+def _clamped(ref: dict, q: float) -> dict:
+    """PEFT's clamp (``_svd_generalized_task_arithmetic_weighted_adapter``) applied per module."""
+    out = dict(ref)
+    for a, b in _pairs(ref):
+        high = torch.quantile(torch.cat([ref[b].flatten(), ref[a].flatten()]), q)
+        out[a], out[b] = ref[a].clamp(-high, high), ref[b].clamp(-high, high)
+    return out
+
+
+@check("tp2", "tp4", "tp2-pp2")
+def every_combination_type_equals_peft(ctx):
+    refs = torch.load(Path(ctx.tmp) / "refs.pt")
+    model = _model(ctx, refs)
+    ours = {}
+    for name, kwargs in CASES.items():
+        dl.add_weighted_adapter(model, ["one", "two"], WEIGHTS, name, seed=SEED, **kwargs)
+        ours[name] = dl.adapter_state_dict(model, name)
+        ref = refs["combined"][name]
+        if name == "svd_clamp":
+            # PEFT's unclamped factors (same rank), signs aligned with ours, then PEFT's clamp.
+            expected = _clamped(_aligned(ours["svd"], refs["combined"]["svd"]), CASES[name]["svd_clamp"])
+            _assert_close(ours[name], expected, name, tol=1e-4)
+        elif kwargs["combination_type"].endswith("svd"):
+            _assert_close(ours[name], _aligned(ours[name], ref), name, tol=1e-4)
+            # a truncated float32 LAPACK SVD (PEFT) against ours (float64 Gram): rounding ~1e-5
+            _assert_close(_products(ours[name]), _products(ref), f"{name} B A", tol=5e-5)
+        else:
+            _assert_close(ours[name], ref, name)
+        assert registry(model).configs[name].r == ({"cat": 8}.get(name) or CASES[name].get("svd_rank") or 4)
+    dl.check_replicas(model)
+    for name in LOGIT_CASES:
+        dl.set_adapter(model, name)
+        assert rel_error(models.logits(model, refs["ids"]), refs["logits"][name]) <= 1e-5, name
+
+
+BAD_INPUT = [
+    (dict(adapters=["one", "two"], weights=[1, 1], combination_type="ties"), "needs density"),
+    (dict(adapters=["one", "two"], weights=[1, 1], combination_type="dare_linear_svd"), "needs density"),
+    (dict(adapters=["one", "nope"], weights=[1, 1]), "do not exist"),
+    (dict(adapters=["one", "two"], weights=[1]), "one number per adapter"),
+    (dict(adapters=["one", "small"], weights=[1, 1], combination_type="linear"), "equal rank"),
+    (dict(adapters=["one", "regex"], weights=[1, 1], combination_type="cat"), "same way"),
+    (dict(adapters=["one", "two"], weights=[1, 1], combination_type="average"), "unknown"),
+    (dict(adapters=["one", "two"], weights=[1, 1], combination_type="ties", density=1.5), "density must be"),
+    (dict(adapters=["one", "two"], weights=[1, 1], svd_clamp=2), "svd_clamp"),
+]
+
+
+@check("tp2-pp2")
+def bad_input_raises_on_every_rank_and_leaves_the_model(ctx):
+    refs = torch.load(Path(ctx.tmp) / "refs.pt")
+    model = _model(ctx, refs)
+    dl.add_adapter(model, dl.LoraConfig(r=2, target_modules=["q_proj"]), "small")
+    dl.add_adapter(model, dl.LoraConfig(r=4, target_modules=r".*\.o_proj"), "regex")
+    before = {a: dl.adapter_state_dict(model, a) for a in ("one", "two")}
+    configs = dict(registry(model).configs)
+    for kwargs, message in BAD_INPUT:
+        with pytest.raises(Exception, match=message):
+            dl.add_weighted_adapter(model, adapter_name="new", **kwargs)
+        assert registry(model).configs == configs
+        assert not any("new" in layer.adapter_names() for _, layer in adapter_layers(model))
+    with pytest.raises(Exception, match="already exists"):
+        dl.add_weighted_adapter(model, ["one", "two"], [1, 1], "two", combination_type="cat")
+    for a in ("one", "two"):
+        _assert_close(dl.adapter_state_dict(model, a), before[a], f"{a} unchanged", tol=0)
+
+
+test_weighted_distributed = distributed_tests(__name__, world_size=4, prepare=prepare)
