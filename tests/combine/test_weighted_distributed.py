@@ -25,18 +25,16 @@ modules with one source are combined too. What is compared, per type:
 from __future__ import annotations
 
 from pathlib import Path
-from unittest import mock
-
 import pytest
 import torch
 
 import dist_lora as dl
 from dist_lora import models
-from dist_lora.combine.task_arithmetic import dare_mask
 from dist_lora.registry import adapter_layers, registry
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, save_tiny
+from tests.combine.peft_dare import peft_with_our_dare_masks
 
 SEED = 1234
 WEIGHTS = [0.7, -1.3]
@@ -62,51 +60,42 @@ CASES = {
     "dare_ties_svd": dict(combination_type="dare_ties_svd", density=0.5, majority_sign_method="frequency"),
 }
 LOGIT_CASES = ("cat", "svd")
+# One adapter over the whole fused Megatron layer = PEFT adapters on q/k/v (gate/up) sharing one A.
+FUSED_TARGETS = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+FUSED_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+FUSED_CASES = ("linear", "cat")
 
 
 def _ids():
     return torch.randint(0, TINY_CONFIGS["llama"]["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(3))
 
 
-def _peft_with_our_dare_masks(model, new_name: str):
-    """Patches under which PEFT's DARE draws our seeded global mask of the same tensor."""
-    from peft.tuners.lora.model import LoraModel
-    from peft.utils import merge_utils
+def _tie_fused_a(state: dict) -> dict:
+    state = dict(state)
+    for layer in range(TINY_CONFIGS["llama"]["num_hidden_layers"]):
+        for part, group in FUSED_GROUPS:
+            keys = [f"base_model.model.model.layers.{layer}.{part}.{p}.lora_A.weight" for p in group]
+            for key in keys[1:]:
+                state[key] = state[keys[0]].clone()
+    return state
 
-    names = {id(m): n for n, m in model.base_model.model.named_modules()}
-    current = {}
-    generalized = LoraModel._generalized_task_arithmetic_weighted_adapter
-    svd = LoraModel._svd_generalized_task_arithmetic_weighted_adapter
 
-    def note(target, adapters, kind):
-        present = [a for a in adapters if a in target.lora_A or a in target.lora_embedding_A]
-        current.update(module=names[id(target)], calls=0, kind=kind, n=len(present),
-                       embedding=bool(target.lora_embedding_A))
+def _fused_reference() -> dict:
+    import peft
 
-    def patched_generalized(self, combination_type, adapters, weights, target, *args, **kwargs):
-        note(target, adapters, "factors")
-        return generalized(self, combination_type, adapters, weights, target, *args, **kwargs)
+    from dist_lora.testing.peft_reference import peft_model
 
-    def patched_svd(self, combination_type, adapters, weights, new_rank, target, *args, **kwargs):
-        note(target, adapters, "delta")
-        return svd(self, combination_type, adapters, weights, new_rank, target, *args, **kwargs)
-
-    def random_pruning(tensor, density, rescale):
-        i, n = current["calls"], current["n"]
-        current["calls"] += 1
-        if current["kind"] == "delta":
-            tensor_name, position = "delta", i
-        else:
-            tensor_name, position = ("lora_A", i) if i < n else ("lora_B", i - n)
-        transposed = current["kind"] == "delta" and current["embedding"]  # PEFT's embedding delta is (B A)^T
-        shape = tuple(tensor.shape[::-1]) if transposed else tuple(tensor.shape)
-        mask = dare_mask(shape, density, SEED, new_name, current["module"], tensor_name, str(position))
-        pruned = tensor * (mask.t() if transposed else mask)
-        return pruned / density if rescale else pruned
-
-    return [mock.patch.object(LoraModel, "_generalized_task_arithmetic_weighted_adapter", patched_generalized),
-            mock.patch.object(LoraModel, "_svd_generalized_task_arithmetic_weighted_adapter", patched_svd),
-            mock.patch.object(merge_utils, "random_pruning", random_pruning)]
+    model = peft_model("llama", dict(CONFIGS["one"], target_modules=FUSED_TARGETS))
+    model.add_adapter("two", peft.LoraConfig(**dict(CONFIGS["two"], target_modules=FUSED_TARGETS)))
+    states = {}
+    for ours, theirs in (("one", "default"), ("two", "two")):
+        states[ours] = _tie_fused_a(peft.get_peft_model_state_dict(model, adapter_name=theirs))
+        peft.set_peft_model_state_dict(model, states[ours], adapter_name=theirs)
+    combined = {}
+    for name in FUSED_CASES:
+        model.base_model.add_weighted_adapter(["default", "two"], WEIGHTS, name, **CASES[name])
+        combined[name] = {k: v.clone() for k, v in peft.get_peft_model_state_dict(model, adapter_name=name).items()}
+    return {"states": states, "combined": combined}
 
 
 def prepare(tmp: Path) -> dict:
@@ -121,7 +110,7 @@ def prepare(tmp: Path) -> dict:
               "two": peft.get_peft_model_state_dict(model, adapter_name="two")}
     ids, out, logits = _ids(), {}, {}
     for name, kwargs in CASES.items():
-        patches = _peft_with_our_dare_masks(model, name) if "dare" in name else []
+        patches = peft_with_our_dare_masks(model, name, SEED) if "dare" in name else []
         for p in patches:
             p.start()
         try:
@@ -135,7 +124,8 @@ def prepare(tmp: Path) -> dict:
             model.set_adapter(name)
             with torch.no_grad():
                 logits[name] = model(ids).logits
-    torch.save({"ids": ids, "states": states, "combined": out, "logits": logits}, tmp / "refs.pt")
+    torch.save({"ids": ids, "states": states, "combined": out, "logits": logits, "fused": _fused_reference()},
+               tmp / "refs.pt")
     return {"llama": str(tmp / "llama")}
 
 
@@ -208,6 +198,23 @@ def every_combination_type_equals_peft(ctx):
     for name in LOGIT_CASES:
         dl.set_adapter(model, name)
         assert rel_error(models.logits(model, refs["ids"]), refs["logits"][name]) <= 1e-5, name
+
+
+@check("tp2", "tp2-pp2")
+def fused_layer_adapters_combine_like_peft_projections_sharing_a(ctx):
+    refs = torch.load(Path(ctx.tmp) / "refs.pt")["fused"]
+    model = models.from_pretrained(ctx.data["llama"])
+    for name in ("one", "two"):
+        config = dict(CONFIGS[name], target_modules=["linear_qkv", "linear_fc1"])
+        dl.add_adapter(model, dl.LoraConfig(**config), name)
+        dl.set_adapter_state_dict(model, refs["states"][name], name)
+    for name in FUSED_CASES:
+        dl.add_weighted_adapter(model, ["one", "two"], WEIGHTS, name, **CASES[name])
+        _assert_close(dl.adapter_state_dict(model, name), refs["combined"][name], f"fused {name}")
+    for kind in ("svd", "ties", "dare_linear"):  # each projection would get its own A
+        with pytest.raises(Exception, match="fused adapter"):
+            dl.add_weighted_adapter(model, ["one", "two"], WEIGHTS, "new", combination_type=kind, density=0.5)
+        assert "new" not in registry(model).configs
 
 
 BAD_INPUT = [

@@ -1,0 +1,92 @@
+"""``add_weighted_adapter`` on a plain (unsharded) Hugging Face model, one process, against PEFT's
+on the same model and adapters: the path a DeepSpeed-wrapped HF model takes. The second adapter
+targets layers the first one already wrapped, and the embedding. DARE: PEFT's RNG draw is
+replaced by our seeded mask of the same tensor (see ``peft_dare``); SVD types: factors up to the
+sign of each singular pair."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import dist_lora as dl
+from dist_lora.testing.peft_reference import rel_error
+from dist_lora.testing.tiny import TINY_CONFIGS, hf_model
+from tests.combine.peft_dare import peft_with_our_dare_masks
+
+SEED = 7
+CONFIGS = {
+    "one": dict(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj", "down_proj",
+                                                                            "embed_tokens"]),
+    "two": dict(r=4, lora_alpha=6, init_lora_weights=False, target_modules=["q_proj", "o_proj", "embed_tokens"]),
+}
+CASES = {
+    "linear": dict(combination_type="linear"),
+    "cat": dict(combination_type="cat"),
+    "svd": dict(combination_type="svd"),
+    "ties": dict(combination_type="ties", density=0.4, majority_sign_method="frequency"),
+    "magnitude_prune": dict(combination_type="magnitude_prune", density=0.7),
+    "dare_ties_svd": dict(combination_type="dare_ties_svd", density=0.5),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    import peft
+
+    base = hf_model(TINY_CONFIGS["llama"])
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**CONFIGS["one"]), adapter_name="one")
+    theirs.add_adapter("two", peft.LoraConfig(**CONFIGS["two"]))
+    ours = copy.deepcopy(base)
+    dl.apply_lora(ours, dl.LoraConfig(**CONFIGS["one"]), "one")
+    dl.add_adapter(ours, dl.LoraConfig(**CONFIGS["two"]), "two")
+    for name in ("one", "two"):
+        dl.set_adapter_state_dict(ours, peft.get_peft_model_state_dict(theirs, adapter_name=name), name)
+    return theirs, ours
+
+
+def _aligned(ours: dict, ref: dict) -> dict:
+    out = dict(ref)
+    for a in [k for k in ref if k.endswith(("lora_A.weight", "lora_embedding_A"))]:
+        b = a.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+        signs = torch.sign((ours[a] * ref[a]).sum(1))
+        out[a], out[b] = ref[a] * signs[:, None], ref[b] * signs
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_combination_equals_peft_on_a_plain_model(models, name):
+    import peft
+
+    theirs, ours = models
+    patches = peft_with_our_dare_masks(theirs, name, SEED) if "dare" in name else []
+    for p in patches:
+        p.start()
+    try:
+        theirs.base_model.add_weighted_adapter(["one", "two"], [0.7, -1.3], name, **CASES[name])
+    finally:
+        for p in patches:
+            p.stop()
+    ref = {k: v for k, v in peft.get_peft_model_state_dict(theirs, adapter_name=name).items()
+           if not k.endswith("base_layer.weight")}
+    dl.add_weighted_adapter(ours, ["one", "two"], [0.7, -1.3], name, seed=SEED, **CASES[name])
+    got = dl.adapter_state_dict(ours, name)
+    if name.endswith("svd"):
+        ref = _aligned(got, ref)
+    assert sorted(got) == sorted(ref)
+    for key in ref:
+        assert rel_error(got[key], ref[key]) <= 1e-4, key
+
+
+def test_bad_input_leaves_the_plain_model_as_it_was(models):
+    _, ours = models
+    before = dict(dl.adapter_state_dict(ours, "one"))
+    with pytest.raises(ValueError, match="needs density"):
+        dl.add_weighted_adapter(ours, ["one", "two"], [1.0, 1.0], "bad", combination_type="dare_ties")
+    with pytest.raises(ValueError, match="do not exist"):
+        dl.add_weighted_adapter(ours, ["one", "three"], [1.0, 1.0], "bad")
+    assert "bad" not in dl.registry.registry(ours).configs
+    after = dl.adapter_state_dict(ours, "one")
+    assert all(torch.equal(after[k], before[k]) for k in before)
