@@ -90,3 +90,30 @@ def test_bad_input_leaves_the_plain_model_as_it_was(models):
     assert "bad" not in dl.registry.registry(ours).configs
     after = dl.adapter_state_dict(ours, "one")
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_dora_adapters_combine_like_peft():
+    """PEFT combines only A and B of DoRA adapters; the new adapter's magnitude is the one its
+    (zero-B) initialisation gives, the base row norm. Random magnitudes on the sources prove
+    they are not used."""
+    import peft
+
+    config = dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"])
+    base = hf_model(TINY_CONFIGS["llama"])
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config), adapter_name="one")
+    theirs.add_adapter("two", peft.LoraConfig(**config))
+    ours = copy.deepcopy(base)
+    dl.apply_lora(ours, dl.LoraConfig(**config), "one")
+    dl.add_adapter(ours, dl.LoraConfig(**config), "two")
+    g = torch.Generator().manual_seed(0)
+    for name in ("one", "two"):
+        state = {k: torch.randn(v.shape, generator=g) * 0.1 + ("magnitude" in k)
+                 for k, v in peft.get_peft_model_state_dict(theirs, adapter_name=name).items()}
+        peft.set_peft_model_state_dict(theirs, state, adapter_name=name)
+        dl.set_adapter_state_dict(ours, state, name)
+    theirs.base_model.add_weighted_adapter(["one", "two"], [0.5, 0.8], "mix", combination_type="linear")
+    dl.add_weighted_adapter(ours, ["one", "two"], [0.5, 0.8], "mix", combination_type="linear")
+    ref, got = peft.get_peft_model_state_dict(theirs, adapter_name="mix"), dl.adapter_state_dict(ours, "mix")
+    assert sorted(got) == sorted(ref) and any("magnitude" in k for k in ref)
+    for key in ref:
+        assert rel_error(got[key], ref[key]) <= 1e-5, key
