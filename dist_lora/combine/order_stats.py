@@ -42,13 +42,11 @@ def sortable_key(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits >= 0, bits, -magnitude)
 
 
-def _count(parts: list[Part], group, above: torch.Tensor, query: int) -> torch.Tensor:
-    """This rank's share of ``#{key >= above[query]}`` over the query's global elements."""
-    first = C.group_rank(group) == 0
+def _count(keys: list[torch.Tensor], above: torch.Tensor) -> torch.Tensor:
+    """This rank's share of ``#{key >= above}`` (``keys``: the parts this rank counts)."""
     total = torch.zeros((), dtype=torch.int64)
-    for local, sharded in parts:
-        if sharded or first:
-            total += (sortable_key(local) >= above[query]).sum()
+    for k in keys:
+        total += (k >= above).sum()
     return total
 
 
@@ -58,24 +56,28 @@ def kth_largest_keys(queries: list[list[Part]], ks: list[int], group) -> torch.T
     ``k`` is 1-based and must be between 1 and the query's global element count. Returns an
     int64 tensor [len(queries)], identical on every rank of ``group``."""
     n = len(queries)
+    first = C.group_rank(group) == 0
+    keys = [[sortable_key(local).reshape(-1) for local, _ in parts] for parts in queries]
+    counted = [[k for k, (_, sharded) in zip(ks_, parts) if sharded or first] for ks_, parts in zip(keys, queries)]
     lo = torch.full((n,), torch.iinfo(torch.int64).max, dtype=torch.int64)
     hi = torch.full((n,), torch.iinfo(torch.int64).min, dtype=torch.int64)
-    for q, parts in enumerate(queries):
-        for local, _ in parts:
-            if local.numel():
-                keys = sortable_key(local)
-                lo[q] = torch.minimum(lo[q], keys.min())
-                hi[q] = torch.maximum(hi[q], keys.max())
+    for q in range(n):
+        for k in keys[q]:
+            if k.numel():
+                lo[q] = torch.minimum(lo[q], k.min())
+                hi[q] = torch.maximum(hi[q], k.max())
     C.all_reduce_(lo, group, "min")
     C.all_reduce_(hi, group, "max")
     want = torch.tensor(ks, dtype=torch.int64)
     while bool((lo < hi).any()):  # lo, hi are identical on every rank: same number of rounds
-        mid = lo + torch.div(hi - lo + 1, 2, rounding_mode="floor")
-        counts = torch.stack([_count(parts, group, mid, q) for q, parts in enumerate(queries)])
+        # ceil((lo + hi) / 2) without overflowing int64
+        mid = (lo >> 1) + (hi >> 1) + (((lo & 1) + (hi & 1) + 1) >> 1)
+        counts = torch.stack([_count(counted[q], mid[q]) for q in range(n)])
         C.all_reduce_(counts, group)
         enough = counts >= want
-        lo = torch.where(enough & (lo < hi), mid, lo)
-        hi = torch.where(~enough & (lo < hi), mid - 1, hi)
+        active = lo < hi
+        lo = torch.where(enough & active, mid, lo)
+        hi = torch.where(~enough & active, mid - 1, hi)
     return lo
 
 

@@ -217,6 +217,31 @@ def fused_layer_adapters_combine_like_peft_projections_sharing_a(ctx):
         assert "new" not in registry(model).configs
 
 
+@check("tp2", "tp4")
+def order_statistics_of_sharded_tensors_equal_torch_on_the_whole_tensor(ctx):
+    from dist_lora.combine.order_stats import kth_largest_keys, quantile, real_part, value_at_key
+    from dist_lora.layers.sharding import FactorLayout
+
+    tp, rank, group = ctx.groups.tp_size, ctx.groups.tp_rank, ctx.groups.tp_group
+    g = torch.Generator().manual_seed(5)
+    for dtype, scale in ((torch.float32, 1.0), (torch.float64, 1e300)):
+        full = torch.randn(13, 20, generator=g, dtype=dtype) * scale
+        full[0, :3] = 0.0  # zeros (and -0.0) are ordinary values
+        full[1, 0] = -0.0
+        other = torch.randn(7, 5, generator=g, dtype=dtype)  # a replicated part of the same query
+        for layout in (FactorLayout(dim=1, size=20, padded=20 + (-20) % tp), FactorLayout(dim=0, size=13,
+                                                                                          padded=13 + (-13) % tp)):
+            local = real_part(layout.local(full, tp, rank), layout, tp, rank)
+            parts = [(local, True), (other, False)]
+            values = torch.cat([full.flatten(), other.flatten()])
+            for k in (1, 17, values.numel()):
+                key = kth_largest_keys([parts], [k], group)[0]
+                assert value_at_key(parts, key, group) == torch.topk(values, k).values[-1], (dtype, k)
+            for q in (0.0, 0.37, 0.8, 1.0):
+                expected = torch.quantile(values.float() if dtype == torch.float32 else values, q)
+                torch.testing.assert_close(quantile(parts, q, dtype, group), expected, rtol=1e-6, atol=0)
+
+
 BAD_INPUT = [
     (dict(adapters=["one", "two"], weights=[1, 1], combination_type="ties"), "needs density"),
     (dict(adapters=["one", "two"], weights=[1, 1], combination_type="dare_linear_svd"), "needs density"),
