@@ -6,7 +6,9 @@ of the whole tensor (``False``). A query runs over the union of its parts' globa
 
 No rank gathers a tensor: the search bisects on the *bit pattern* of the values (an int64 key
 with the same order as the floats), and each of its <= 64 rounds all-reduces one count per
-query (every query of a call in the same all-reduce). Replicated parts are counted on group
+query (every query of a call in the same all-reduce). Each rank keeps only the keys still
+inside the search interval, so the local work is a few passes over the shard, not one per
+round. Replicated parts are counted on group
 rank 0 only, so each global element is counted once. The result is exact and the same on every
 rank; ties at the threshold are all kept (``torch.topk`` would keep an arbitrary subset of
 them, which only matters for exactly repeated values).
@@ -42,14 +44,6 @@ def sortable_key(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits >= 0, bits, -magnitude)
 
 
-def _count(keys: list[torch.Tensor], above: torch.Tensor) -> torch.Tensor:
-    """This rank's share of ``#{key >= above}`` (``keys``: the parts this rank counts)."""
-    total = torch.zeros((), dtype=torch.int64)
-    for k in keys:
-        total += (k >= above).sum()
-    return total
-
-
 def kth_largest_keys(queries: list[list[Part]], ks: list[int], group) -> torch.Tensor:
     """For each query, the largest key ``T`` with ``#{key >= T} >= k`` over its global elements.
 
@@ -57,27 +51,37 @@ def kth_largest_keys(queries: list[list[Part]], ks: list[int], group) -> torch.T
     int64 tensor [len(queries)], identical on every rank of ``group``."""
     n = len(queries)
     first = C.group_rank(group) == 0
-    keys = [[sortable_key(local).reshape(-1) for local, _ in parts] for parts in queries]
-    counted = [[k for k, (_, sharded) in zip(ks_, parts) if sharded or first] for ks_, parts in zip(keys, queries)]
     lo = torch.full((n,), torch.iinfo(torch.int64).max, dtype=torch.int64)
     hi = torch.full((n,), torch.iinfo(torch.int64).min, dtype=torch.int64)
-    for q in range(n):
-        for k in keys[q]:
+    candidates = []  # per query: this rank's counted keys still inside [lo, hi]
+    for q, parts in enumerate(queries):
+        keys = [sortable_key(local).reshape(-1) for local, _ in parts]
+        for k in keys:
             if k.numel():
                 lo[q] = torch.minimum(lo[q], k.min())
                 hi[q] = torch.maximum(hi[q], k.max())
+        counted = [k for k, (_, sharded) in zip(keys, parts) if sharded or first]
+        candidates.append(torch.cat(counted) if counted else torch.zeros(0, dtype=torch.int64))
     C.all_reduce_(lo, group, "min")
     C.all_reduce_(hi, group, "max")
     want = torch.tensor(ks, dtype=torch.int64)
+    above = torch.zeros(n, dtype=torch.int64)  # this rank's counted keys > hi (dropped)
     while bool((lo < hi).any()):  # lo, hi are identical on every rank: same number of rounds
         # ceil((lo + hi) / 2) without overflowing int64
         mid = (lo >> 1) + (hi >> 1) + (((lo & 1) + (hi & 1) + 1) >> 1)
-        counts = torch.stack([_count(counted[q], mid[q]) for q in range(n)])
+        upper = [c >= mid[q] for q, c in enumerate(candidates)]
+        counts = above + torch.stack([u.sum() for u in upper])
         C.all_reduce_(counts, group)
-        enough = counts >= want
-        active = lo < hi
-        lo = torch.where(enough & active, mid, lo)
-        hi = torch.where(~enough & active, mid - 1, hi)
+        enough = (counts >= want) & (lo < hi)
+        short = (counts < want) & (lo < hi)
+        for q in range(n):  # keep only keys that can still decide the answer
+            if enough[q]:
+                candidates[q] = candidates[q][upper[q]]
+            elif short[q]:
+                above[q] += upper[q].sum()
+                candidates[q] = candidates[q][~upper[q]]
+        lo = torch.where(enough, mid, lo)
+        hi = torch.where(short, mid - 1, hi)
     return lo
 
 
