@@ -55,7 +55,7 @@ def _check_arguments(adapters, weights, adapter_name, combination_type, svd_rank
         raise ValueError(f"weights must be finite numbers, got {weights!r}")
     if combination_type not in COMBINATION_TYPES:
         raise ValueError(f"combination_type={combination_type!r} is unknown; choose one of {list(COMBINATION_TYPES)}")
-    if combination_type in NEEDS_DENSITY:
+    if combination_type in NEEDS_DENSITY and len(adapters) > 1:  # one adapter: always linear
         if density is None:
             raise ValueError(f"combination_type={combination_type!r} needs density (the fraction of values "
                              f"kept, in [0, 1])")

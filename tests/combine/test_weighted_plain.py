@@ -117,3 +117,18 @@ def test_dora_adapters_combine_like_peft():
     assert sorted(got) == sorted(ref) and any("magnitude" in k for k in ref)
     for key in ref:
         assert rel_error(got[key], ref[key]) <= 1e-5, key
+
+
+def test_one_adapter_is_always_linear_like_peft(models):
+    """PEFT turns any type into ``linear`` for one adapter (no density needed)."""
+    import peft
+
+    theirs, ours = models
+    theirs.base_model.add_weighted_adapter(["two"], [-0.6], "single", combination_type="ties")
+    dl.add_weighted_adapter(ours, ["two"], [-0.6], "single", combination_type="ties")
+    ref = {k: v for k, v in peft.get_peft_model_state_dict(theirs, adapter_name="single").items()
+           if not k.endswith("base_layer.weight")}
+    got = dl.adapter_state_dict(ours, "single")
+    assert sorted(got) == sorted(ref)
+    for key in ref:
+        assert rel_error(got[key], ref[key]) <= 1e-6, key
