@@ -10,7 +10,8 @@ computes them on local shards:
 * ``random`` (DARE) pruning keeps each element with probability ``density`` and rescales the
   kept ones by ``1 / density``. The mask of the global tensor is drawn from a generator seeded
   by the caller's names, identically on every rank and replica, and each rank keeps its shard
-  of it, so the result does not depend on the layout. (PEFT draws with torch's global RNG.)
+  of it (block by block, never holding the global mask), so the result does not depend on the
+  layout. (PEFT draws with torch's global RNG.)
 * the majority sign (``total``: sign of the sum, ``frequency``: sign of the count of signs) and
   the disjoint merge are element-wise, hence shard-local.
 
@@ -59,9 +60,40 @@ def seeded_generator(seed: int, *names: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
+DARE_BLOCK_ROWS = 256  # rows drawn per generator call: part of the mask's definition
+
+
 def dare_mask(shape: tuple[int, ...], density: float, seed: int, *names: str) -> torch.Tensor:
-    """The global DARE keep-mask (float 0/1) of a tensor of ``shape``, named by ``names``."""
-    return torch.bernoulli(torch.full(shape, float(density)), generator=seeded_generator(seed, *names))
+    """The global DARE keep-mask (float 0/1) of a tensor of ``shape``, named by ``names``: blocks
+    of ``DARE_BLOCK_ROWS`` rows drawn in order from one seeded generator."""
+    g = seeded_generator(seed, *names)
+    rows, rest = shape[0], tuple(shape[1:])
+    blocks = [torch.bernoulli(torch.full((min(DARE_BLOCK_ROWS, rows - r0), *rest), float(density)), generator=g)
+              for r0 in range(0, rows, DARE_BLOCK_ROWS)]
+    return torch.cat(blocks) if blocks else torch.zeros(shape)
+
+
+def local_dare_mask(where: Placement, density: float, seed: int, *names: str) -> torch.Tensor:
+    """This rank's shard of :func:`dare_mask` (padding zero), holding one row block at a time
+    instead of the global mask. Every rank still draws every block (the generator is sequential)."""
+    layout, shape = where.layout, where.shape
+    if not where.sharded or len(shape) != 2:
+        return layout.local(dare_mask(shape, density, seed, *names), where.tp, where.rank)
+    along = shape[layout.dim]
+    view = (-1, 1) if layout.dim == 0 else (1, -1)
+    index = layout.local(torch.arange(1, along + 1).view(view), where.tp, where.rank).reshape(-1) - 1  # -1: padding
+    local = torch.zeros((index.numel(), shape[1]) if layout.dim == 0 else (shape[0], index.numel()))
+    g = seeded_generator(seed, *names)
+    for r0 in range(0, shape[0], DARE_BLOCK_ROWS):
+        block = torch.bernoulli(torch.full((min(DARE_BLOCK_ROWS, shape[0] - r0), shape[1]), float(density)),
+                                generator=g)
+        if layout.dim == 0:
+            mine = (index >= r0) & (index < r0 + block.shape[0])
+            local[mine] = block[index[mine] - r0]
+        else:
+            valid = index >= 0
+            local[r0:r0 + block.shape[0], valid] = block[:, index[valid]]
+    return local
 
 
 def magnitude_masks(tensors: list[torch.Tensor], where: Placement, density: float) -> list[torch.Tensor]:
@@ -86,7 +118,7 @@ def prune(tensors: list[torch.Tensor], method: str | None, density: float | None
         return [t * m for t, m in zip(tensors, magnitude_masks(tensors, where, density))]
     out = []
     for t, name in zip(tensors, names):
-        mask = where.layout.local(dare_mask(where.shape, density, seed, *name), where.tp, where.rank)
+        mask = local_dare_mask(where, density, seed, *name)
         out.append(t * mask.to(t.dtype) / density)
     return out
 
