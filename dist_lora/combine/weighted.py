@@ -18,7 +18,8 @@ and embeddings: A split on columns, B replicated). Delta weights stay local shar
 matrix), so ``U S`` comes out split like B and ``Vh`` like A. Magnitude pruning and the clamp
 quantile are exact distributed order statistics; DARE masks are drawn globally from a generator
 seeded by ``seed``, the new adapter's name, the PEFT module name, the tensor and the source
-adapter's position, identical on every rank and replica.
+adapter's position, identical on every rank and replica. Singular pairs are signed so that the
+sum of cubes of each ``Vh`` row is >= 0, so the new adapter does not depend on the TP layout.
 
 The new adapter's config is the first adapter's, with ``r = lora_alpha =`` the new rank, the
 union of the target modules, no rank / alpha patterns (as PEFT) and ``init_lora_weights=True``
@@ -41,7 +42,7 @@ from dist_lora.combine.task_arithmetic import Placement, merge
 from dist_lora.layers.adapter_layer import AdapterLayer
 from dist_lora.layers.factors import LoraFactors
 from dist_lora.management import delete_adapter
-from dist_lora.parallel.collectives import raise_if_any
+from dist_lora.parallel import collectives as C
 
 
 def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str,
@@ -53,6 +54,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     Collective over the job: call on every rank with the same arguments. Wrong input raises on
     every rank and leaves the model as it was. With one adapter the combination is ``linear``
     (as PEFT). ``seed`` (default: the seed given to ``parallel.initialize``) seeds DARE masks."""
+    C.check_same_on_all_ranks((adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
+                               majority_sign_method, seed), what="add_weighted_adapter arguments")
     error, plan = None, None
     try:
         plan = plan_combination(model, list(adapters) if isinstance(adapters, (list, tuple)) else adapters,
@@ -60,7 +63,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                                 majority_sign_method)
     except (ValueError, TypeError, KeyError) as err:
         error = err
-    raise_if_any(error, what=f"add_weighted_adapter {adapter_name!r}")
+    C.raise_if_any(error, what=f"add_weighted_adapter {adapter_name!r}")
     add_adapter(model, plan.config, adapter_name)
     try:
         _fill(model, plan, adapter_name, default_seed(model, seed), density, majority_sign_method, svd_clamp)
@@ -130,10 +133,20 @@ def _svd(layer, target, sources, plan, seed, adapter_name, density, majority_sig
     delta = merge(deltas, [w for _, w, _ in sources], how, density, majority_sign_method, where, seed,
                   _mask_names(adapter_name, target, "delta", sources))
     u, s, vh = linalg.svd(delta, where.layout.dim if where.tp > 1 else None, where.group, plan.rank)
-    b, a = u * s, vh
+    b, a = _layout_free_signs(layer, target, u * s, vh)
     if svd_clamp is not None:
         b, a = _clamp(layer, target, b, a, svd_clamp)
     return a.to(target.lora_A.dtype), b.to(target.lora_B.dtype)
+
+
+def _layout_free_signs(layer, target, b, a):
+    """Flip each singular pair so that the sum of cubes of its ``Vh`` row is >= 0: a convention
+    that does not depend on how A is sharded (one all-reduce of [rank] when it is)."""
+    cubes = (a.double() ** 3).sum(1)
+    if target.a_layout.dim is not None and layer.shard.tp > 1:
+        C.all_reduce_(cubes, layer.shard.tp_group)
+    signs = torch.where(cubes < 0, -1.0, 1.0).to(a.dtype)
+    return b * signs, a * signs[:, None]
 
 
 def _clamp(layer, target, b, a, q):

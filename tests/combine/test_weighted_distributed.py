@@ -8,11 +8,11 @@ and the (padded, vocabulary 101) output layer; the second adapter covers only so
 modules with one source are combined too. What is compared, per type:
 
 * ``linear``, ``cat``, ``ties``, ``magnitude_prune``: every factor equals PEFT's (1e-5).
-* ``svd`` types: every factor equals PEFT's up to the sign of each singular pair (LAPACK's sign
-  convention is arbitrary), and ``B A`` equals PEFT's ``B A``.
+* ``svd`` types: every factor equals PEFT's after signing each of PEFT's singular pairs by our
+  layout-independent convention (LAPACK's signs are arbitrary), and ``B A`` equals PEFT's.
 * ``svd_clamp``: PEFT's clamp is not invariant to those signs, so the expected result is PEFT's
-  formula (``torch.quantile`` of ``cat(U S, Vh)`` on one process) applied to PEFT's factors
-  after aligning their signs with ours; our quantile is computed from shards.
+  formula (``torch.quantile`` of ``cat(U S, Vh)`` on one process) applied to PEFT's unclamped
+  factors signed that way; our quantile is computed from shards.
 * DARE types: PEFT draws the masks with torch's global RNG. The reference replaces only that
   draw (``merge_utils.random_pruning``) by our seeded global mask for the same module / tensor /
   adapter (``task_arithmetic.dare_mask``), so everything else -- rescaling, sign election,
@@ -34,7 +34,7 @@ from dist_lora.registry import adapter_layers, registry
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, save_tiny
-from tests.combine.peft_dare import peft_with_our_dare_masks
+from tests.combine.peft_helpers import pairs, peft_with_our_dare_masks, signed
 
 SEED = 1234
 WEIGHTS = [0.7, -1.3]
@@ -138,23 +138,6 @@ def _model(ctx, refs):
     return model
 
 
-def _pairs(state: dict):
-    """(A key, B key) of every module of a PEFT state dict."""
-    for key in state:
-        if key.endswith("lora_A.weight") or key.endswith("lora_embedding_A"):
-            yield key, key.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
-
-
-def _aligned(ours: dict, ref: dict) -> dict:
-    """``ref`` with each singular pair's sign flipped to match ``ours`` (rows of A, columns of B)."""
-    out = dict(ref)
-    for a, b in _pairs(ref):
-        signs = torch.sign((ours[a] * ref[a]).sum(1))
-        signs[signs == 0] = 1
-        out[a], out[b] = ref[a] * signs[:, None], ref[b] * signs
-    return out
-
-
 def _assert_close(ours: dict, ref: dict, what: str, tol: float = 1e-5):
     assert sorted(ours) == sorted(ref), (what, sorted(set(ours) ^ set(ref)))
     worst = max(ref, key=lambda k: rel_error(ours[k], ref[k]))
@@ -162,13 +145,13 @@ def _assert_close(ours: dict, ref: dict, what: str, tol: float = 1e-5):
 
 
 def _products(state: dict) -> dict:
-    return {a: state[b] @ state[a] for a, b in _pairs(state)}
+    return {a: state[b] @ state[a] for a, b in pairs(state)}
 
 
 def _clamped(ref: dict, q: float) -> dict:
     """PEFT's clamp (``_svd_generalized_task_arithmetic_weighted_adapter``) applied per module."""
     out = dict(ref)
-    for a, b in _pairs(ref):
+    for a, b in pairs(ref):
         high = torch.quantile(torch.cat([ref[b].flatten(), ref[a].flatten()]), q)
         out[a], out[b] = ref[a].clamp(-high, high), ref[b].clamp(-high, high)
     return out
@@ -185,10 +168,10 @@ def every_combination_type_equals_peft(ctx):
         ref = refs["combined"][name]
         if name == "svd_clamp":
             # PEFT's unclamped factors (same rank), signs aligned with ours, then PEFT's clamp.
-            expected = _clamped(_aligned(ours["svd"], refs["combined"]["svd"]), CASES[name]["svd_clamp"])
+            expected = _clamped(signed(refs["combined"]["svd"]), CASES[name]["svd_clamp"])
             _assert_close(ours[name], expected, name, tol=1e-4)
         elif kwargs["combination_type"].endswith("svd"):
-            _assert_close(ours[name], _aligned(ours[name], ref), name, tol=1e-4)
+            _assert_close(ours[name], signed(ref), name, tol=1e-4)
             # a truncated float32 LAPACK SVD (PEFT) against ours (float64 Gram): rounding ~1e-5
             _assert_close(_products(ours[name]), _products(ref), f"{name} B A", tol=5e-5)
         else:

@@ -1,8 +1,8 @@
 """``add_weighted_adapter`` on a plain (unsharded) Hugging Face model, one process, against PEFT's
 on the same model and adapters: the path a DeepSpeed-wrapped HF model takes. The second adapter
 targets layers the first one already wrapped, and the embedding. DARE: PEFT's RNG draw is
-replaced by our seeded mask of the same tensor (see ``peft_dare``); SVD types: factors up to the
-sign of each singular pair."""
+replaced by our seeded mask of the same tensor (see ``peft_helpers``); SVD types: factors up to the
+sign convention of each singular pair."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import dist_lora as dl
 from dist_lora.testing.peft_reference import rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model
-from tests.combine.peft_dare import peft_with_our_dare_masks
+from tests.combine.peft_helpers import peft_with_our_dare_masks, signed
 
 SEED = 7
 CONFIGS = {
@@ -47,15 +47,6 @@ def models():
     return theirs, ours
 
 
-def _aligned(ours: dict, ref: dict) -> dict:
-    out = dict(ref)
-    for a in [k for k in ref if k.endswith(("lora_A.weight", "lora_embedding_A"))]:
-        b = a.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
-        signs = torch.sign((ours[a] * ref[a]).sum(1))
-        out[a], out[b] = ref[a] * signs[:, None], ref[b] * signs
-    return out
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_combination_equals_peft_on_a_plain_model(models, name):
     import peft
@@ -74,7 +65,7 @@ def test_combination_equals_peft_on_a_plain_model(models, name):
     dl.add_weighted_adapter(ours, ["one", "two"], [0.7, -1.3], name, seed=SEED, **CASES[name])
     got = dl.adapter_state_dict(ours, name)
     if name.endswith("svd"):
-        ref = _aligned(got, ref)
+        ref = signed(ref)
     assert sorted(got) == sorted(ref)
     for key in ref:
         assert rel_error(got[key], ref[key]) <= 1e-4, key

@@ -1,4 +1,4 @@
-"""PEFT's ``add_weighted_adapter`` with its DARE masks drawn by dist_lora's seeded generator.
+"""Reference helpers: PEFT's ``add_weighted_adapter`` with dist_lora's DARE masks, SVD signs.
 
 PEFT draws DARE masks with torch's global RNG (``merge_utils.random_pruning``), which no sharded
 run can reproduce. These patches replace only that draw: for the tensor PEFT is pruning (which
@@ -10,6 +10,8 @@ computation is PEFT's own code.
 from __future__ import annotations
 
 from unittest import mock
+
+import torch
 
 from dist_lora.combine.task_arithmetic import dare_mask
 
@@ -55,3 +57,20 @@ def peft_with_our_dare_masks(model, new_name: str, seed: int):
     return [mock.patch.object(LoraModel, "_generalized_task_arithmetic_weighted_adapter", patched_generalized),
             mock.patch.object(LoraModel, "_svd_generalized_task_arithmetic_weighted_adapter", patched_svd),
             mock.patch.object(merge_utils, "random_pruning", random_pruning)]
+
+
+def pairs(state: dict):
+    """(A key, B key) of every module of a PEFT state dict."""
+    for key in state:
+        if key.endswith("lora_A.weight") or key.endswith("lora_embedding_A"):
+            yield key, key.replace("lora_A", "lora_B").replace("lora_embedding_A", "lora_embedding_B")
+
+
+def signed(ref: dict) -> dict:
+    """PEFT's SVD factors with each singular pair signed as ours are (sum of cubes of the A row
+    >= 0): LAPACK's signs are arbitrary, ours must not depend on the layout."""
+    out = dict(ref)
+    for a, b in pairs(ref):
+        signs = torch.where((ref[a].double() ** 3).sum(1) < 0, -1.0, 1.0).to(ref[a].dtype)
+        out[a], out[b] = ref[a] * signs[:, None], ref[b] * signs
+    return out
