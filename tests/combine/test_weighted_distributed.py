@@ -18,7 +18,8 @@ modules with one source are combined too. What is compared, per type:
   adapter (``task_arithmetic.dare_mask``), so everything else -- rescaling, sign election,
   disjoint merge, the SVD -- is PEFT's own code. ``check_replicas`` then proves the replicated
   factors (hence the masks) are identical on every TP rank and DP replica.
-* ``cat`` and ``svd`` adapters are activated and give PEFT's logits.
+* ``cat`` and ``svd`` adapters are activated and give PEFT's logits; the ``svd`` one, exported,
+  loads with ``peft.PeftModel.from_pretrained`` and gives them too.
 * bad input raises on every rank and leaves the model as it was.
 """
 
@@ -30,6 +31,7 @@ import torch
 
 import dist_lora as dl
 from dist_lora import models
+from dist_lora.parallel.collectives import barrier
 from dist_lora.registry import adapter_layers, registry
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import rel_error
@@ -181,6 +183,18 @@ def every_combination_type_equals_peft(ctx):
     for name in LOGIT_CASES:
         dl.set_adapter(model, name)
         assert rel_error(models.logits(model, refs["ids"]), refs["logits"][name]) <= 1e-5, name
+    if ctx.layout.name == "tp2-pp2":  # the combined config and tensors are a valid PEFT adapter
+        out = Path(ctx.tmp) / "export"
+        dl.export_peft(model, out, adapter_name="svd")
+        if ctx.groups.rank == 0:
+            import peft
+
+            from dist_lora.testing.tiny import hf_model
+
+            loaded = peft.PeftModel.from_pretrained(hf_model(TINY_CONFIGS["llama"]), out / "svd").eval()
+            with torch.no_grad():
+                assert rel_error(loaded(refs["ids"]).logits, refs["logits"]["svd"]) <= 1e-5
+        barrier()
 
 
 @check("tp2", "tp2-pp2")
