@@ -24,6 +24,8 @@ sum of cubes of each ``Vh`` row is >= 0, so the new adapter does not depend on t
 The new adapter's config is the first adapter's, with ``r = lora_alpha =`` the new rank, the
 union of the target modules, no rank / alpha patterns (as PEFT) and ``init_lora_weights=True``
 (PEFT copies the first adapter's init method; PiSSA-like methods would then rewrite the base).
+As in PEFT, ``use_rslora`` is kept with ``lora_alpha = r``: an rsLoRA combination is scaled by
+sqrt(r) (PEFT's behaviour, kept so that exported adapters match PEFT's).
 It is a normal adapter: inactive until ``set_adapter``, trainable, exportable, mergeable.
 """
 
