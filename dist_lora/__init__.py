@@ -23,6 +23,7 @@ from dist_lora.checkpoint import (
     save_adapter,
     save_training_state,
 )
+from dist_lora.combine import add_weighted_adapter
 from dist_lora.config import LoraConfig
 from dist_lora.management import (
     active_adapters,
@@ -46,6 +47,7 @@ __all__ = [
     "active_adapters",
     "adapter_state_dict",
     "add_adapter",
+    "add_weighted_adapter",
     "apply_adalora",
     "apply_lora",
     "check_replicas",

@@ -32,7 +32,8 @@ def _vocab_size(model: nn.Module) -> int | None:
     return info.spec.vocab_size if info is not None else None
 
 
-def _seed(model: nn.Module, seed: int | None) -> int:
+def default_seed(model: nn.Module, seed: int | None) -> int:
+    """``seed``, or the seed given to ``parallel.initialize`` (0 for plain models)."""
     if seed is not None:
         return seed
     info = getattr(model, "dist_lora", None)
@@ -162,7 +163,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         error = err
     raise_if_any(error, what=f"adding adapter {adapter_name!r}")
     _check_matches_somewhere(model, config, *plan)
-    _build(model, config, adapter_name, *plan, seed=_seed(model, seed))
+    _build(model, config, adapter_name, *plan, seed=default_seed(model, seed))
     reg = registry(model)
     reg.configs[adapter_name] = config
     if not reg.active:

@@ -23,6 +23,7 @@ from torch import nn
 
 from dist_lora.config import LoraConfig
 from dist_lora.layers.sharding import FactorLayout, REPLICATED
+from dist_lora.layers.wrapper import BaseWrapper
 from dist_lora.layers.slots import WHOLE, Slot
 
 _FUSED_LAYOUTS = ("qkv", "glu")
@@ -96,7 +97,11 @@ def _megatron_candidates(model: nn.Module) -> list[Candidate]:
 def _plain_candidates(model: nn.Module) -> list[Candidate]:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out = []
+    wrapped = {f"{n}.base_layer": m.base_layer for n, m in model.named_modules() if isinstance(m, BaseWrapper)}
     for name, module in model.named_modules():
+        if name in wrapped:
+            continue  # a wrapped layer is listed under the wrapper's name (the one PEFT uses)
+        module = getattr(module, "base_layer", module) if isinstance(module, BaseWrapper) else module
         if isinstance(module, nn.Linear):
             kind = "output" if module is output or name.endswith("lm_head") else "linear"
             slot = Slot(WHOLE, (name,), module.out_features, FactorLayout(dim=0))

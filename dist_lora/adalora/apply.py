@@ -15,7 +15,7 @@ from torch import nn
 
 from dist_lora.adalora.config import AdaLoraConfig
 from dist_lora.adalora.factors import SVDFactors
-from dist_lora.apply import _VALID_NAME, _check_matches_somewhere, _ensure_wrapper, _seed, refresh
+from dist_lora.apply import _VALID_NAME, _check_matches_somewhere, _ensure_wrapper, default_seed, refresh
 from dist_lora.init_methods import seeded_generator
 from dist_lora.parallel.collectives import check_same_on_all_ranks, raise_if_any
 from dist_lora.registry import registry
@@ -69,7 +69,7 @@ def apply_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "
         error = err
     raise_if_any(error, what=f"adding AdaLoRA adapter {adapter_name!r}")
     _check_matches_somewhere(model, config, [(c, 0, 0) for c in plan], [])
-    pool, seed = candidates(model), _seed(model, seed)
+    pool, seed = candidates(model), default_seed(model, seed)
     for c in plan:
         module = _ensure_wrapper(model, pool, c.module_path)
         weight = getattr(module.base_layer, "weight", None)
