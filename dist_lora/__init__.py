@@ -16,6 +16,9 @@ from dist_lora.checkpoint import (
     save_training_state,
 )
 from dist_lora.config import LoraConfig
+from dist_lora.eva.collect import get_eva_state_dict
+from dist_lora.eva.config import EvaConfig
+from dist_lora.eva.initialize import initialize_lora_eva_weights
 from dist_lora.management import (
     active_adapters,
     delete_adapter,
@@ -32,6 +35,7 @@ from dist_lora.replicas import check_replicas
 from dist_lora.state import adapter_state_dict, set_adapter_state_dict
 
 __all__ = [
+    "EvaConfig",
     "LoraConfig",
     "active_adapters",
     "adapter_state_dict",
@@ -43,7 +47,9 @@ __all__ = [
     "disable_adapters",
     "enable_adapters",
     "export_peft",
+    "get_eva_state_dict",
     "import_peft",
+    "initialize_lora_eva_weights",
     "load_adapter",
     "load_training_state",
     "merge_adapter",

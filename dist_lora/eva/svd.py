@@ -1,0 +1,198 @@
+"""Incremental PCA of one layer's inputs, computed from shards with compact sketches.
+
+The state is PEFT's ``IncrementalPCA`` state (sklearn's algorithm): ``components`` [k, h],
+``singular_values`` [k], ``mean`` / ``var`` [h] (float64) and the number of samples seen. One
+step (``partial_fit``) on a batch X [n, h] factors the stacked matrix
+
+    M = [ diag(S_old) V_old ;  X - mean(X) ;  sqrt(n_old n / (n_old + n)) (mean_old - mean(X)) ]
+
+and keeps its top k right-singular vectors. Here X is spread over ranks in two ways:
+
+* **rows** (tokens) over the *row groups*: data-parallel ranks read different batches, and under
+  sequence parallelism a column layer's TP ranks hold different sequence chunks. Every row
+  group's batch statistics are one all-reduce of [1 + 2h] floats (count, sum, centred sum of
+  squares), so ``mean``/``var`` are exact. Each rank then compresses its own rows of M into a
+  sketch ``K_i = S_i V_i^T`` of at most ``sketch_rank`` rows (its local top singular
+  triplets; exact whenever the local block has rank <= sketch_rank) and the sketches are
+  all-gathered: ``[K_1; ...; K_d]`` has the same right-singular structure as M (Gram matrices
+  agree), so its SVD is M's up to the truncation of local tails, the same kind of truncation
+  as PEFT's randomised ``svd_lowrank(q = 2k)``. Raw activations never travel.
+* **features** over the *feature group*: a row-parallel layer's input is split on h. The SVD of
+  a column-split matrix B [m, h] uses the sample-space Gram ``G = sum_t B_t B_t^T`` [m, m]
+  (one all-reduce over TP): ``G = U L U^T`` gives ``S = sqrt(L)`` and each rank's slice of
+  ``V^T = S^-1 U^T B_t`` with no further communication. Components stay split like ``lora_A``
+  of a row layer, which is where they go.
+
+Signs follow PEFT's ``svd_flip(u_based_decision=False)``: the largest-|.| entry of each
+component is made positive (a [k]-sized all-gather over the feature group finds it). Everything
+after the gathers is computed identically on every rank of a row group, so the state is
+replicated over data-parallel ranks bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_lora.parallel.collectives import all_gather_tensors, all_reduce_, group_rank, group_size
+
+
+class CommMeter:
+    """Bytes this rank sends in EVA collectives (what a ring would move per rank, roughly the
+    tensor size for all-gathers and all-reduces), for the benchmark."""
+
+    def __init__(self):
+        self.bytes = 0
+
+    def add(self, tensor: torch.Tensor, group) -> None:
+        if group_size(group) > 1:
+            self.bytes += tensor.numel() * tensor.element_size()
+
+
+def _sharded_svd(block: torch.Tensor, feature_group, meter: CommMeter, keep: int):
+    """Top ``keep`` singular values [c] and local right-singular rows [c, h_local] of ``block``
+    [m, h_local] whose columns are split over ``feature_group`` (``None``: not split), float64."""
+    if feature_group is None:
+        _, s, vt = torch.linalg.svd(block, full_matrices=False)
+        c = min(keep, int((s > s.max() * 1e-12).sum()) if s.numel() else 0)
+        return s[:c], vt[:c]
+    gram = block @ block.T
+    meter.add(gram, feature_group)
+    all_reduce_(gram, feature_group)
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    c = min(keep, int((evals > evals[0].clamp_min(0) * 1e-12).sum()) if evals.numel() else 0)
+    s = evals[:c].clamp_min(0).sqrt()
+    return s, (evecs[:, :c].T @ block) / s[:, None]
+
+
+def _flip_signs(vt: torch.Tensor, feature_group, meter: CommMeter) -> torch.Tensor:
+    """PEFT's ``svd_flip(u_based_decision=False)`` on rows split over ``feature_group``."""
+    if vt.shape[0] == 0:
+        return vt
+    idx = vt.abs().argmax(dim=1)
+    best = vt.gather(1, idx[:, None]).squeeze(1)
+    if feature_group is not None:
+        parts = all_gather_tensors(best, feature_group)
+        meter.add(best, feature_group)
+        stacked = torch.stack(parts)  # [tp, c]; argmax keeps the first (lowest feature) maximum
+        best = stacked.gather(0, stacked.abs().argmax(dim=0)[None]).squeeze(0)
+    return vt * torch.sign(best)[:, None]
+
+
+class ShardedIncrementalPCA:
+    """PEFT's ``IncrementalPCA`` over rows split by ``row_groups`` and features by ``feature_group``.
+
+    Args:
+        n_components: k.
+        row_groups: process groups whose ranks hold different tokens (data parallel; plus TP
+            under sequence parallelism for column layers). ``None`` entries are skipped.
+        feature_group: group whose ranks hold different slices of the features (TP for row
+            layers), or ``None``.
+        tau: a component has converged when its cosine similarity to the previous step's is >= tau.
+        sketch_rank: rows of each rank's local sketch (default ``2 * n_components``, PEFT's
+            ``lowrank_q``).
+    """
+
+    def __init__(self, n_components: int, tau: float, row_groups=(), feature_group=None,
+                 sketch_rank: int | None = None, meter: CommMeter | None = None):
+        self.n_components, self.tau = n_components, tau
+        self.row_groups = [g for g in row_groups if g is not None and group_size(g) > 1]
+        self.feature_group = feature_group if feature_group is not None and group_size(feature_group) > 1 else None
+        self.sketch_rank = sketch_rank or 2 * n_components
+        self.meter = meter or CommMeter()
+        self.components = None  # [k, h_local] float64
+        self.singular_values = None
+        self.explained_variance_ratio = None
+        self.mean = self.var = None
+        self.n_seen = 0
+        self.converged = torch.zeros(n_components, dtype=torch.bool)
+
+    @property
+    def fitted(self) -> bool:
+        return self.components is not None
+
+    def _leads_rows(self) -> bool:
+        return all(group_rank(g) == 0 for g in self.row_groups)
+
+    def batch_count(self, n_local: int) -> int:
+        """Tokens of this step over all row groups (one tiny all-reduce)."""
+        count = torch.tensor([float(n_local)], dtype=torch.float64)
+        for g in self.row_groups:
+            self.meter.add(count, g)
+            all_reduce_(count, g)
+        return int(count.item())
+
+    def _batch_stats(self, x: torch.Tensor):
+        """Global batch count, mean and unnormalised variance (sum of squared deviations)."""
+        n_i = x.shape[0]
+        local_mean = x.mean(0) if n_i else torch.zeros(x.shape[1], dtype=torch.float64)
+        m2 = (x - local_mean).square().sum(0)
+        packed = torch.cat([torch.tensor([float(n_i)], dtype=torch.float64), x.sum(0), m2 + n_i * local_mean.square()])
+        for g in self.row_groups:
+            self.meter.add(packed, g)
+            all_reduce_(packed, g)
+        n = int(packed[0].item())
+        total, h = packed[1:1 + x.shape[1]], x.shape[1]
+        mean = total / n
+        return n, total, mean, packed[1 + h:] - n * mean.square()
+
+    @torch.no_grad()
+    def partial_fit(self, x: torch.Tensor) -> None:
+        """One step on this rank's rows ``x`` [n_i, h_local] (collective over all groups)."""
+        x = x.to(torch.float64)
+        n, new_sum, batch_mean, new_m2 = self._batch_stats(x)
+        n_old = self.n_seen
+        n_total = n_old + n
+        if self.mean is None:
+            mean, var = batch_mean, new_m2 / n_total
+        else:
+            last_sum = self.mean * n_old
+            mean = (last_sum + new_sum) / n_total
+            ratio = n_old / n
+            var = (self.var * n_old + new_m2 + ratio / n_total * (last_sum / ratio - new_sum).square()) / n_total
+        block = x - batch_mean
+        if self.components is not None and self._leads_rows():
+            correction = ((n_old / n_total) * n) ** 0.5 * (self.mean - batch_mean)
+            block = torch.cat([self.singular_values[:, None] * self.components, block, correction[None]])
+        s, vt = _sharded_svd(block, self.feature_group, self.meter, self.sketch_rank)
+        sketch = s[:, None] * vt
+        if self.row_groups:
+            sketch = self._gather_rows(sketch)
+            s, vt = _sharded_svd(sketch, self.feature_group, self.meter, self.sketch_rank)
+        vt = _flip_signs(vt, self.feature_group, self.meter)
+        var_total = (var * n_total).sum().reshape(1)
+        if self.feature_group is not None:
+            self.meter.add(var_total, self.feature_group)
+            all_reduce_(var_total, self.feature_group)
+        k = self.n_components
+        previous = self.components
+        self.components, self.singular_values = vt[:k].contiguous(), s[:k].contiguous()
+        self.explained_variance_ratio = s[:k].square() / var_total
+        self.mean, self.var, self.n_seen = mean, var, n_total
+        if previous is not None:
+            self.converged = self._cosine(previous)
+
+    def _gather_rows(self, sketch: torch.Tensor) -> torch.Tensor:
+        """All row groups' sketches stacked; zero rows pad each to the same height (zero rows
+        change no singular value or vector)."""
+        for g in self.row_groups:
+            height = torch.tensor([float(sketch.shape[0])])
+            all_reduce_(height, g, "max")
+            padded = sketch.new_zeros(int(height.item()), sketch.shape[1])
+            padded[: sketch.shape[0]] = sketch
+            self.meter.add(padded, g)
+            sketch = torch.cat(all_gather_tensors(padded, g))
+        return sketch
+
+    def _cosine(self, previous: torch.Tensor) -> torch.Tensor:
+        """Row-wise cosine similarity of the new and previous components (global over features)."""
+        rows = min(previous.shape[0], self.components.shape[0])
+        a, b = self.components[:rows], previous[:rows]
+        stats = torch.stack([(a * b).sum(1), a.square().sum(1), b.square().sum(1)])
+        if self.feature_group is not None:
+            self.meter.add(stats, self.feature_group)
+            all_reduce_(stats, self.feature_group)
+        cos = stats[0] / (stats[1].sqrt() * stats[2].sqrt()).clamp_min(1e-8)
+        converged = torch.zeros(self.n_components, dtype=torch.bool)
+        converged[:rows] = cos >= self.tau
+        return converged
