@@ -48,21 +48,46 @@ class CommMeter:
             self.bytes += tensor.numel() * tensor.element_size()
 
 
-def _sharded_svd(block: torch.Tensor, feature_group, meter: CommMeter, keep: int):
-    """Top ``keep`` singular values [c] and local right-singular rows [c, h_local] of ``block``
-    [m, h_local] whose columns are split over ``feature_group`` (``None``: not split), float64."""
+# Blocks with more rows than this are sketched with a randomised range finder (Halko et al.,
+# https://arxiv.org/abs/0909.4061, as torch.svd_lowrank / PEFT's lowrank IPCA); smaller ones exactly.
+EXACT_ROWS = 512
+POWER_ITERATIONS = 4
+
+
+def _sum(x: torch.Tensor, feature_group, meter: "CommMeter") -> torch.Tensor:
+    if feature_group is not None:
+        meter.add(x, feature_group)
+        all_reduce_(x, feature_group)
+    return x
+
+
+def _exact_svd(block: torch.Tensor, feature_group, meter: "CommMeter", keep: int):
     if feature_group is None:
         _, s, vt = torch.linalg.svd(block, full_matrices=False)
-        c = min(keep, int((s > s.max() * 1e-12).sum()) if s.numel() else 0)
-        return s[:c], vt[:c]
-    gram = block @ block.T
-    meter.add(gram, feature_group)
-    all_reduce_(gram, feature_group)
-    evals, evecs = torch.linalg.eigh(gram)
-    evals, evecs = evals.flip(0), evecs.flip(1)
-    c = min(keep, int((evals > evals[0].clamp_min(0) * 1e-12).sum()) if evals.numel() else 0)
-    s = evals[:c].clamp_min(0).sqrt()
-    return s, (evecs[:, :c].T @ block) / s[:, None]
+    else:  # sample-space Gram [m, m] summed over the feature shards
+        evals, evecs = torch.linalg.eigh(_sum(block @ block.T, feature_group, meter))
+        s, u = evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
+        c = int((s > 0).sum())
+        s, vt = s[:c], (u[:, :c].T @ block) / s[:c, None]
+    c = min(keep, int((s > s.max() * 1e-10).sum()) if s.numel() else 0)
+    return s[:c], vt[:c]
+
+
+def _sharded_svd(block: torch.Tensor, feature_group, meter: "CommMeter", keep: int):
+    """Top ``keep`` singular values [c] and local right-singular rows [c, h_local] of ``block``
+    [m, h_local] whose columns are split over ``feature_group`` (``None``: not split), float64.
+
+    Tall blocks go through a randomised range finder: ``Q = orth(B B^T ... B Omega)`` needs only
+    [m, keep] all-reduces over the feature group (``B_t Omega_t`` and ``B_t (B_t^T Q)`` are partial
+    sums), then ``Q^T B`` [keep, h_local] is split like B and solved exactly."""
+    if block.shape[0] <= max(EXACT_ROWS, 2 * keep):
+        return _exact_svd(block, feature_group, meter, keep)
+    rank = group_rank(feature_group) if feature_group is not None else 0
+    omega = torch.randn(block.shape[1], keep, generator=torch.Generator().manual_seed(42 + rank), dtype=block.dtype)
+    q = torch.linalg.qr(_sum(block @ omega, feature_group, meter)).Q
+    for _ in range(POWER_ITERATIONS):
+        q = torch.linalg.qr(_sum(block @ (block.T @ q), feature_group, meter)).Q
+    return _exact_svd(q.T @ block, feature_group, meter, keep)
 
 
 def _flip_signs(vt: torch.Tensor, feature_group, meter: CommMeter) -> torch.Tensor:
