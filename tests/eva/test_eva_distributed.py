@@ -7,7 +7,8 @@ inputs) and ``pp2`` read the whole dataset; ``tp1`` at world size 2 is DP=2, eac
 one half of every batch (rows), so together they see exactly PEFT's batches. Components are
 compared by the principal angles between the subspaces and row by row (signs included: both
 use sklearn's sign rule); ranks, ``rank_pattern``, ``alpha_pattern`` and ``target_modules``
-must be equal.
+must be equal. With ``whiten=True`` PEFT divides rows shared by q/k/v (gate/up) by sqrt(S)
+more than once (an in-place bug, see ``_peft_whitening_count``); dist_lora whitens once.
 """
 
 from __future__ import annotations
@@ -24,8 +25,14 @@ from dist_lora.parallel.collectives import RankError, all_gather_object
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model, save_tiny
 
-CONFIG = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="eva")
-EVA = dict(rho=2.0, tau=0.99)
+SCENARIOS = {
+    "all_linear": (dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="eva"),
+                   dict(rho=2.0, tau=0.99)),
+    # layer 1's down_proj gets rank 0 (leaves target_modules), v_proj a lower rank than q_proj,
+    # and whitening scales each component by 1/sqrt(singular value).
+    "zero_rank_whiten": (dict(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                              init_lora_weights="eva"), dict(rho=4.0, tau=0.99, whiten=True)),
+}
 MIN_COS = 0.999  # smallest cosine of the principal angles between our and PEFT's subspaces
 
 
@@ -47,27 +54,29 @@ def prepare(tmp: Path) -> dict:
 
     save_tiny(TINY_CONFIGS["llama"], tmp / "llama")
     batches = _batches()
-    model = peft.get_peft_model(hf_model(TINY_CONFIGS["llama"]),
-                                peft.LoraConfig(**CONFIG, eva_config=peft.EvaConfig(**EVA)))
-    state = {k.removeprefix("base_model.model."): v for k, v in
-             peft.get_eva_state_dict(model, batches, show_progress_bar=False).items()}
-    peft.initialize_lora_eva_weights(model, eva_state_dict={f"base_model.model.{k}": v.clone()
-                                                            for k, v in state.items()})
-    cfg = model.peft_config["default"]
-    adapter = {k: v.clone() for k, v in peft.get_peft_model_state_dict(model).items()}
-    torch.save({"batches": batches, "eva": state, "adapter": adapter, "rank_pattern": dict(cfg.rank_pattern),
-                "alpha_pattern": dict(cfg.alpha_pattern), "target_modules": sorted(cfg.target_modules)},
-               tmp / "ref.pt")
+    for name, (config, eva) in SCENARIOS.items():
+        model = peft.get_peft_model(hf_model(TINY_CONFIGS["llama"]),
+                                    peft.LoraConfig(**config, eva_config=peft.EvaConfig(**eva)))
+        state = {k.removeprefix("base_model.model."): v.clone() for k, v in
+                 peft.get_eva_state_dict(model, batches, show_progress_bar=False).items()}
+        peft.initialize_lora_eva_weights(model, eva_state_dict={f"base_model.model.{k}": v.clone()
+                                                                for k, v in state.items()})
+        cfg = model.peft_config["default"]
+        adapter = {k: v.clone() for k, v in peft.get_peft_model_state_dict(model).items()}
+        torch.save({"batches": batches, "eva": state, "adapter": adapter, "rank_pattern": dict(cfg.rank_pattern),
+                    "alpha_pattern": dict(cfg.alpha_pattern), "target_modules": sorted(cfg.target_modules)},
+                   tmp / f"ref_{name}.pt")
     return {"llama": str(tmp / "llama")}
 
 
-def _ref(ctx):
-    return torch.load(Path(ctx.tmp) / "ref.pt")
+def _ref(ctx, scenario):
+    return torch.load(Path(ctx.tmp) / f"ref_{scenario}.pt")
 
 
-def _model(ctx, **eva):
+def _model(ctx, scenario="all_linear"):
+    config, eva = SCENARIOS[scenario]
     model = models.from_pretrained(ctx.data["llama"])
-    dl.apply_lora(model, dl.LoraConfig(**CONFIG, eva_config=dl.EvaConfig(**{**EVA, **eva})))
+    dl.apply_lora(model, dl.LoraConfig(**config, eva_config=dl.EvaConfig(**eva)))
     return model
 
 
@@ -92,7 +101,25 @@ def _full(ctx, model, state: dict) -> dict:
     return out
 
 
-def _assert_same_subspaces(ours: dict, ref: dict):
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _peft_whitening_count(name: str, ref: dict) -> torch.Tensor:
+    """How often PEFT divides each row of ``name`` by sqrt(S) when ``whiten=True``.
+
+    PEFT bug: ``u = components_[:rank]; u /= S.sqrt()`` divides *in place*, and layers that share
+    an input (q/k/v, gate/up) share one PCA, so row i is divided once per group member whose
+    rank exceeds i, and every member returns that same storage. dist_lora whitens once per layer
+    (the EVA paper's definition); this reproduces PEFT's count so the rest is still compared."""
+    group = next((g for g in SHARED_INPUT if any(name.endswith(f".{p}") for p in g)), None)
+    if group is None:
+        return torch.ones(ref[name].shape[0])
+    stem = name.rsplit(".", 1)[0]
+    ranks = [ref[f"{stem}.{p}"].shape[0] for p in group if f"{stem}.{p}" in ref]
+    return torch.tensor([float(sum(r > i for r in ranks)) for i in range(ref[name].shape[0])])
+
+
+def _assert_same_subspaces(ours: dict, ref: dict, whiten: bool = False):
     assert sorted(ours) == sorted(ref), sorted(set(ours) ^ set(ref))
     ranks = {k: (ours[k].shape[0], ref[k].shape[0]) for k in ref}
     assert all(a == b for a, b in ranks.values()), f"ranks differ: {ranks}"
@@ -105,22 +132,32 @@ def _assert_same_subspaces(ours: dict, ref: dict):
         assert cos >= MIN_COS, f"{name}: principal angle cosine {cos:.6f} < {MIN_COS}"
         rowwise = torch.nn.functional.cosine_similarity(o, v.double(), dim=1).min().item()
         assert rowwise >= 0.99, f"{name}: a component differs from PEFT's (cosine {rowwise:.6f})"
+        ours_norm, ref_norm = o.norm(dim=1), v.double().norm(dim=1)  # 1, or 1/sqrt(S) when whitened
+        if whiten:
+            short = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            refs = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"): t for k, t in ref.items()}
+            ours_norm = ours_norm ** _peft_whitening_count(short, refs).double()
+        assert torch.allclose(ours_norm, ref_norm, rtol=1e-3), f"{name}: row norms {ours_norm} vs PEFT {ref_norm}"
 
 
 @check("tp1", "tp2", "tp2-sp", "pp2")
 def eva_state_dict_matches_peft(ctx):
-    ref = _ref(ctx)
-    model = _model(ctx)
-    stats = {}
-    ours = dl.get_eva_state_dict(model, _my_batches(ctx, ref["batches"]), stats=stats)
-    _assert_same_subspaces(_full(ctx, model, ours), ref["eva"])
-    ctx.state.setdefault("bytes", {})[ctx.layout.name] = stats
+    for scenario in SCENARIOS:
+        ref = _ref(ctx, scenario)
+        model = _model(ctx, scenario)
+        ours = dl.get_eva_state_dict(model, _my_batches(ctx, ref["batches"]))
+        _assert_same_subspaces(_full(ctx, model, ours), ref["eva"], SCENARIOS[scenario][1].get("whiten", False))
 
 
 @check("tp1", "tp2", "tp2-sp")
 def initialize_lora_eva_weights_matches_peft(ctx):
-    ref = _ref(ctx)
-    model = _model(ctx)
+    for scenario in SCENARIOS:
+        _initialize_matches_peft(ctx, scenario)
+
+
+def _initialize_matches_peft(ctx, scenario):
+    ref = _ref(ctx, scenario)
+    model = _model(ctx, scenario)
     base = models.logits(model, ref["batches"][0]["input_ids"])
     dl.initialize_lora_eva_weights(model, _my_batches(ctx, ref["batches"]))
     from dist_lora.registry import registry
@@ -134,7 +171,7 @@ def initialize_lora_eva_weights_matches_peft(ctx):
     assert sorted(state) == sorted(expected), sorted(set(state) ^ set(expected))
     a_ours = {k: v for k, v in state.items() if k.endswith("lora_A.weight")}
     a_ref = {k: v for k, v in expected.items() if k.endswith("lora_A.weight")}
-    _assert_same_subspaces(a_ours, a_ref)
+    _assert_same_subspaces(a_ours, a_ref, SCENARIOS[scenario][1].get("whiten", False))
     for key in state:
         if key.endswith("lora_B.weight"):
             assert state[key].shape == expected[key].shape and not state[key].any(), key
@@ -159,7 +196,7 @@ def _unchanged(model, before_state, before_config):
 def bad_input_fails_on_every_rank_and_leaves_the_model(ctx):
     from dist_lora.registry import registry
 
-    ref = _ref(ctx)
+    ref = _ref(ctx, "all_linear")
     model = _model(ctx)
     before, config = dl.adapter_state_dict(model), registry(model).configs["default"].to_dict()
     batches = _my_batches(ctx, ref["batches"])
@@ -178,7 +215,7 @@ def bad_input_fails_on_every_rank_and_leaves_the_model(ctx):
     with pytest.raises(ValueError, match="rho"):
         dl.EvaConfig(rho=0.5)
     with pytest.raises(ValueError, match="rho"):
-        dl.LoraConfig(**CONFIG, eva_config={"rho": 0.9})
+        dl.LoraConfig(**SCENARIOS["all_linear"][0], eva_config={"rho": 0.9})
     with pytest.raises((ValueError, RankError), match="eva_state_dict"):
         dl.initialize_lora_eva_weights(model)
     wrong = {"model.layers.0.self_attn.q_proj": torch.zeros(3, 7)}
