@@ -5,8 +5,9 @@ rebuilt with the new rank (``lora_alpha`` scaled by ``new_r / r`` when
 ``adjust_scaling_factors``); ``lora_A`` = the components, ``lora_B`` = 0 (DoRA's magnitude is
 the base row norm again). A layer whose rank dropped to 0 loses its adapter and leaves
 ``target_modules``. The adapter's config gets PEFT's ``rank_pattern`` / ``alpha_pattern``
-(entries only where the value differs from ``r`` / ``lora_alpha``) and the explicit list of
-adapted modules as ``target_modules``, merged over pipeline stages.
+(entries only where the value differs from ``r`` / ``lora_alpha``) and the adapted modules as
+``target_modules`` (condensed to suffixes from 20 modules on, as PEFT does), merged over
+pipeline stages.
 """
 
 from __future__ import annotations
@@ -18,7 +19,30 @@ from dist_lora.layers.dora import row_norm
 from dist_lora.layers.factors import LoraFactors
 from dist_lora.parallel.collectives import all_gather_object, raise_if_any
 from dist_lora.registry import registry, require_adapter
-from dist_lora.targets import pattern_value
+from dist_lora.targets import candidates, pattern_value
+
+MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20  # PEFT condenses longer target lists to suffixes
+
+
+def minimal_target_modules(targets: set[str], others: set[str]) -> set[str]:
+    """PEFT's condensed ``target_modules``: for each target (in the order of its suffix list,
+    shortest suffix first), the shortest dotted suffix that no other module name ends with,
+    unless a suffix already chosen covers it."""
+
+    def suffixes(name: str) -> list[str]:
+        parts = name.split(".")
+        return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
+
+    taken = {suffix for name in others for suffix in suffixes(name)}
+    chosen: set[str] = set()
+    for name, options in sorted(((n, suffixes(n)) for n in targets), key=lambda item: item[1]):
+        for suffix in options:
+            if suffix in chosen or suffix in taken:
+                continue
+            if not any(name.endswith("." + c) for c in chosen):
+                chosen.add(suffix)
+                break
+    return chosen or set(targets)
 
 
 def _local_rows(tensor: torch.Tensor, layer, factors: LoraFactors) -> torch.Tensor:
@@ -113,10 +137,16 @@ def initialize_lora_eva_weights(model, dataloader=None, eva_state_dict: dict | N
         error = err
     raise_if_any(error, what="EVA initialisation")
     kept, ranks, alphas = _apply(model, config, updates, adapter_name)
-    for part in all_gather_object((kept, ranks, alphas)):
+    names = {c.hf_name for c in candidates(model) if c.slot.fused is None}
+    others = set()
+    for part in all_gather_object((kept, ranks, alphas, names)):
         kept += [n for n in part[0] if n not in kept]
         ranks.update(part[1])
         alphas.update(part[2])
+        others |= part[3]
+    others -= set(kept)
+    if len(kept) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION:
+        kept = minimal_target_modules(set(kept), others)
     new = config.copy()
     new.target_modules, new.rank_pattern, new.alpha_pattern = sorted(set(kept)), ranks, alphas
     registry(model).configs[adapter_name] = new

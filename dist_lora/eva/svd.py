@@ -9,24 +9,25 @@ step (``partial_fit``) on a batch X [n, h] factors the stacked matrix
 and keeps its top k right-singular vectors. Here X is spread over ranks in two ways:
 
 * **rows** (tokens) over the *row groups*: data-parallel ranks read different batches, and under
-  sequence parallelism a column layer's TP ranks hold different sequence chunks. Every row
-  group's batch statistics are one all-reduce of [1 + 2h] floats (count, sum, centred sum of
-  squares), so ``mean``/``var`` are exact. Each rank then compresses its own rows of M into a
-  sketch ``K_i = S_i V_i^T`` of at most ``sketch_rank`` rows (its local top singular
-  triplets; exact whenever the local block has rank <= sketch_rank) and the sketches are
-  all-gathered: ``[K_1; ...; K_d]`` has the same right-singular structure as M (Gram matrices
-  agree), so its SVD is M's up to the truncation of local tails, the same kind of truncation
-  as PEFT's randomised ``svd_lowrank(q = 2k)``. Raw activations never travel.
+  sequence parallelism a column layer's TP ranks hold different sequence chunks. The batch
+  statistics are one all-reduce of [1 + 2h] floats (count, sum, centred sum of squares), so
+  ``mean``/``var`` are exact. The SVD of the row-split M is a subspace iteration in feature
+  space (``_row_sharded_svd``): each step all-reduces ``M_i^T (M_i Z)`` [h, q], q = 2k as PEFT's
+  ``svd_lowrank``, so messages are q x hidden whatever the number of tokens, raw activations
+  never travel, and the accuracy is that of PEFT's randomised SVD with 4 power iterations. (Stacking
+  per-rank truncated SVDs instead would be cheaper but loses the local tails: 0.99 subspace
+  cosines on flat spectra, which is why it is not used.)
 * **features** over the *feature group*: a row-parallel layer's input is split on h. The SVD of
   a column-split matrix B [m, h] uses the sample-space Gram ``G = sum_t B_t B_t^T`` [m, m]
   (one all-reduce over TP): ``G = U L U^T`` gives ``S = sqrt(L)`` and each rank's slice of
-  ``V^T = S^-1 U^T B_t`` with no further communication. Components stay split like ``lora_A``
+  ``V^T = S^-1 U^T B_t`` with no further communication. Blocks taller than ``EXACT_ROWS`` first
+  go through a randomised range finder whose messages are [m, q] partial products. Components stay split like ``lora_A``
   of a row layer, which is where they go.
 
 Signs follow PEFT's ``svd_flip(u_based_decision=False)``: the largest-|.| entry of each
 component is made positive (a [k]-sized all-gather over the feature group finds it). Everything
-after the gathers is computed identically on every rank of a row group, so the state is
-replicated over data-parallel ranks bit for bit.
+after the all-reduces is computed identically on every rank of a row group, so the state is
+replicated over data-parallel ranks.
 """
 
 from __future__ import annotations
@@ -90,6 +91,43 @@ def _sharded_svd(block: torch.Tensor, feature_group, meter: "CommMeter", keep: i
     return _exact_svd(q.T @ block, feature_group, meter, keep)
 
 
+def _orthonormal(z: torch.Tensor, feature_group, meter: "CommMeter") -> torch.Tensor:
+    """Orthonormal columns spanning ``z`` [h_local, q] (rows split over ``feature_group``):
+    eigen-decomposition of the [q, q] Gram summed over the shards; null directions are dropped."""
+    evals, evecs = torch.linalg.eigh(_sum(z.T @ z, feature_group, meter))
+    live = evals > evals.max().clamp_min(1e-300) * 1e-12
+    return z @ (evecs[:, live] / evals[live].sqrt())
+
+
+def _row_sharded_svd(block: torch.Tensor, row_groups, feature_group, meter: "CommMeter", q: int):
+    """Top singular values and local right-singular rows of M = [block_1; ...; block_d], whose row
+    blocks [m_i, h_local] sit on the ranks of ``row_groups`` (and columns on ``feature_group``).
+
+    Subspace iteration in feature space (Halko et al., Alg. 4.4, the scheme of torch.svd_lowrank):
+    ``Z <- orth(M^T M Z)`` with ``M^T M Z = sum_i M_i^T (M_i Z)``, an all-reduce of [h_local, q]
+    over the row groups (and [m_i, q] over the feature group when features are split), then the
+    [q, q] Gram of ``M Z`` gives S and V = Z U. Every message is q x hidden or smaller; no
+    activation leaves its rank, and the result is the same on every rank."""
+    rank = group_rank(feature_group) if feature_group is not None else 0
+    z = torch.randn(block.shape[1], q, generator=torch.Generator().manual_seed(42 + rank), dtype=block.dtype)
+    for _ in range(POWER_ITERATIONS + 1):
+        z = _orthonormal(z, feature_group, meter)
+        z = _sum_rows(block.T @ _sum(block @ z, feature_group, meter), row_groups, meter)
+    z = _orthonormal(z, feature_group, meter)
+    y = _sum(block @ z, feature_group, meter)
+    evals, evecs = torch.linalg.eigh(_sum_rows(y.T @ y, row_groups, meter))
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    c = int((evals > evals[0].clamp_min(1e-300) * 1e-20).sum())
+    return evals[:c].clamp_min(0).sqrt(), (z @ evecs[:, :c]).T
+
+
+def _sum_rows(x: torch.Tensor, row_groups, meter: "CommMeter") -> torch.Tensor:
+    for g in row_groups:
+        meter.add(x, g)
+        all_reduce_(x, g)
+    return x
+
+
 def _flip_signs(vt: torch.Tensor, feature_group, meter: CommMeter) -> torch.Tensor:
     """PEFT's ``svd_flip(u_based_decision=False)`` on rows split over ``feature_group``."""
     if vt.shape[0] == 0:
@@ -114,7 +152,7 @@ class ShardedIncrementalPCA:
         feature_group: group whose ranks hold different slices of the features (TP for row
             layers), or ``None``.
         tau: a component has converged when its cosine similarity to the previous step's is >= tau.
-        sketch_rank: rows of each rank's local sketch (default ``2 * n_components``, PEFT's
+        sketch_rank: q, the width of the randomised subspace (default ``2 * n_components``, PEFT's
             ``lowrank_q``).
     """
 
@@ -142,10 +180,7 @@ class ShardedIncrementalPCA:
     def batch_count(self, n_local: int) -> int:
         """Tokens of this step over all row groups (one tiny all-reduce)."""
         count = torch.tensor([float(n_local)], dtype=torch.float64)
-        for g in self.row_groups:
-            self.meter.add(count, g)
-            all_reduce_(count, g)
-        return int(count.item())
+        return int(_sum_rows(count, self.row_groups, self.meter).item())
 
     def _batch_stats(self, x: torch.Tensor):
         """Global batch count, mean and unnormalised variance (sum of squared deviations)."""
@@ -153,9 +188,7 @@ class ShardedIncrementalPCA:
         local_mean = x.mean(0) if n_i else torch.zeros(x.shape[1], dtype=torch.float64)
         m2 = (x - local_mean).square().sum(0)
         packed = torch.cat([torch.tensor([float(n_i)], dtype=torch.float64), x.sum(0), m2 + n_i * local_mean.square()])
-        for g in self.row_groups:
-            self.meter.add(packed, g)
-            all_reduce_(packed, g)
+        _sum_rows(packed, self.row_groups, self.meter)
         n = int(packed[0].item())
         total, h = packed[1:1 + x.shape[1]], x.shape[1]
         mean = total / n
@@ -179,11 +212,10 @@ class ShardedIncrementalPCA:
         if self.components is not None and self._leads_rows():
             correction = ((n_old / n_total) * n) ** 0.5 * (self.mean - batch_mean)
             block = torch.cat([self.singular_values[:, None] * self.components, block, correction[None]])
-        s, vt = _sharded_svd(block, self.feature_group, self.meter, self.sketch_rank)
-        sketch = s[:, None] * vt
         if self.row_groups:
-            sketch = self._gather_rows(sketch)
-            s, vt = _sharded_svd(sketch, self.feature_group, self.meter, self.sketch_rank)
+            s, vt = _row_sharded_svd(block, self.row_groups, self.feature_group, self.meter, self.sketch_rank)
+        else:
+            s, vt = _sharded_svd(block, self.feature_group, self.meter, self.sketch_rank)
         vt = _flip_signs(vt, self.feature_group, self.meter)
         var_total = (var * n_total).sum().reshape(1)
         if self.feature_group is not None:
@@ -196,18 +228,6 @@ class ShardedIncrementalPCA:
         self.mean, self.var, self.n_seen = mean, var, n_total
         if previous is not None:
             self.converged = self._cosine(previous)
-
-    def _gather_rows(self, sketch: torch.Tensor) -> torch.Tensor:
-        """All row groups' sketches stacked; zero rows pad each to the same height (zero rows
-        change no singular value or vector)."""
-        for g in self.row_groups:
-            height = torch.tensor([float(sketch.shape[0])])
-            all_reduce_(height, g, "max")
-            padded = sketch.new_zeros(int(height.item()), sketch.shape[1])
-            padded[: sketch.shape[0]] = sketch
-            self.meter.add(padded, g)
-            sketch = torch.cat(all_gather_tensors(padded, g))
-        return sketch
 
     def _cosine(self, previous: torch.Tensor) -> torch.Tensor:
         """Row-wise cosine similarity of the new and previous components (global over features)."""
