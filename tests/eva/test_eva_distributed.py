@@ -186,6 +186,12 @@ def _initialize_matches_peft(ctx, scenario):
     for key in state:
         if key.endswith("lora_B.weight"):
             assert state[key].shape == expected[key].shape and not state[key].any(), key
+    if ctx.layout.name == "tp2":  # the release loads in PEFT with the new ranks and alphas
+        import peft
+
+        out = dl.export_peft(model, Path(ctx.tmp) / f"eva_{scenario}", overwrite=True)
+        released = peft.get_peft_model_state_dict(peft.PeftModel.from_pretrained(hf_model(LLAMA), str(out)))
+        assert sorted(released) == sorted(state) and all(torch.equal(released[k], state[k]) for k in state)
     # B = 0: the initialised adapter leaves the model's output unchanged, and it trains.
     assert torch.allclose(models.logits(model, ref["batches"][0]["input_ids"]), base, atol=1e-6)
     assert all(p.requires_grad for n, p in model.named_parameters() if ".lora." in n)
