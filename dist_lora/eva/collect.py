@@ -201,7 +201,7 @@ def get_eva_state_dict(model, dataloader, peft_config=None, adapter_name: str = 
     returned tensors are this rank's shard of each layer's ``lora_A`` [new_r, in(/p)]: split on
     ``in`` for row-parallel layers, whole for column layers; layers of other pipeline stages are
     absent. ``peft_config`` defaults to the adapter's config (its ``eva_config`` or the default
-    ``EvaConfig``). ``sketch_rank``: rows of each rank's sketch (default 2 x components).
+    ``EvaConfig``). ``sketch_rank``: width q of the randomised subspace (default 2 x components, PEFT's q).
     ``max_batches`` (default 100 passes over the data) stops a run that never converges with an
     error instead of looping forever as PEFT does. ``stats`` (a dict) receives ``batches`` and
     ``bytes`` (what this rank sent in EVA's collectives).
