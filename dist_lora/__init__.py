@@ -25,6 +25,9 @@ from dist_lora.checkpoint import (
 )
 from dist_lora.combine import add_weighted_adapter
 from dist_lora.config import LoraConfig
+from dist_lora.eva.collect import get_eva_state_dict
+from dist_lora.eva.config import EvaConfig
+from dist_lora.eva.initialize import initialize_lora_eva_weights
 from dist_lora.management import (
     active_adapters,
     delete_adapter,
@@ -43,6 +46,7 @@ from dist_lora.state import adapter_state_dict, set_adapter_state_dict
 
 __all__ = [
     "AdaLoraConfig",
+    "EvaConfig",
     "LoraConfig",
     "active_adapters",
     "adapter_state_dict",
@@ -57,7 +61,9 @@ __all__ = [
     "enable_adapters",
     "export_adalora",
     "export_peft",
+    "get_eva_state_dict",
     "import_peft",
+    "initialize_lora_eva_weights",
     "load_adapter",
     "load_training_state",
     "merge_adapter",

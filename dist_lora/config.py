@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from dist_lora.eva.config import EvaConfig, as_eva_config
 from dist_lora.init_methods import check_init_method
 
 BIAS_OPTIONS = ("none", "all", "lora_only")
@@ -29,7 +30,7 @@ _UNSUPPORTED_DEFAULTS = {
     "trainable_token_indices": None, "corda_config": None, "lora_ga_config": None, "velora_config": None,
     "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
     "monteclora_config": None, "layer_replication": None, "target_parameters": None, "use_bdlora": None,
-    "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False, "eva_config": None,
+    "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
     "loftq_config": {},
 }
 
@@ -57,6 +58,8 @@ class LoraConfig:
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``False`` (both random) or an
             initialisation method name registered in :mod:`dist_lora.init_methods`.
         use_dora: weight-decomposed LoRA (a magnitude vector per output row).
+        eva_config: :class:`~dist_lora.eva.config.EvaConfig` (or its dict) for
+            ``init_lora_weights="eva"``; defaults to ``EvaConfig()`` then, as in PEFT.
     """
 
     r: int = 8
@@ -74,6 +77,7 @@ class LoraConfig:
     modules_to_save: Optional[list[str]] = None
     init_lora_weights: Union[bool, str] = True
     use_dora: bool = False
+    eva_config: Optional[EvaConfig] = None
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
@@ -87,6 +91,9 @@ class LoraConfig:
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
+        self.eva_config = as_eva_config(self.eva_config)
+        if self.init_lora_weights == "eva" and self.eva_config is None:
+            self.eva_config = EvaConfig()
         self.validate()
 
     def validate(self) -> None:

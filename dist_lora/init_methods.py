@@ -51,7 +51,8 @@ def _random(shapes: dict, kind: str, r: int, g: torch.Generator) -> dict:
     return out
 
 
-INIT_METHODS: dict[object, InitFn] = {True: _default, False: _random, "gaussian": _gaussian}
+# "eva": as PEFT, the default until dist_lora.eva.initialize_lora_eva_weights sets A from data.
+INIT_METHODS: dict[object, InitFn] = {True: _default, False: _random, "gaussian": _gaussian, "eva": _default}
 
 
 def check_init_method(value) -> None:
