@@ -30,8 +30,16 @@ _UNSUPPORTED_DEFAULTS = {
     "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
     "monteclora_config": None, "layer_replication": None, "target_parameters": None, "use_bdlora": None,
     "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False, "eva_config": None,
-    "loftq_config": {},
 }
+
+
+@dataclass
+class LoftQConfig:
+    """PEFT's ``LoftQConfig``: bits of the quantised base (dist_lora: 4, nf4) and alternating
+    quantise / SVD rounds. Pass it as ``LoraConfig(init_lora_weights="loftq", loftq_config=...)``."""
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
 
 
 @dataclass
@@ -57,6 +65,7 @@ class LoraConfig:
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``False`` (both random) or an
             initialisation method name registered in :mod:`dist_lora.init_methods`.
         use_dora: weight-decomposed LoRA (a magnitude vector per output row).
+        loftq_config: :class:`LoftQConfig` (stored as a dict) for ``init_lora_weights="loftq"``.
     """
 
     r: int = 8
@@ -74,6 +83,7 @@ class LoraConfig:
     modules_to_save: Optional[list[str]] = None
     init_lora_weights: Union[bool, str] = True
     use_dora: bool = False
+    loftq_config: dict = field(default_factory=dict)
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
@@ -87,6 +97,8 @@ class LoraConfig:
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.loftq_config, LoftQConfig):
+            self.loftq_config = dataclasses.asdict(self.loftq_config)
         self.validate()
 
     def validate(self) -> None:
@@ -104,6 +116,7 @@ class LoraConfig:
         if self.use_dora and self.lora_bias:
             raise ValueError("lora_bias=True is not supported with DoRA (as in PEFT); set use_dora=False")
         check_init_method(self.init_lora_weights)
+        self._validate_loftq()
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pattern, dict):
                 raise ValueError(f"{name} must be a dict of module pattern -> value, got {type(pattern).__name__}")
@@ -116,6 +129,23 @@ class LoraConfig:
             raise ValueError("layers_pattern cannot be used when target_modules is a regex string")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform")
+
+    def _validate_loftq(self) -> None:
+        if not isinstance(self.loftq_config, dict):
+            raise ValueError(f"loftq_config must be a LoftQConfig or a dict, got {type(self.loftq_config).__name__}")
+        if self.init_lora_weights != "loftq":
+            return
+        if not self.loftq_config:
+            raise ValueError("init_lora_weights='loftq' needs loftq_config, e.g. loftq_config=LoftQConfig(loftq_bits=4)")
+        unknown = set(self.loftq_config) - {"loftq_bits", "loftq_iter"}
+        if unknown:
+            raise ValueError(f"loftq_config has unknown keys {sorted(unknown)}; known: loftq_bits, loftq_iter")
+        bits, iters = self.loftq_config.get("loftq_bits", 4), self.loftq_config.get("loftq_iter", 1)
+        if bits != 4:
+            raise ValueError(f"loftq_bits={bits!r}: dist_lora's LoftQ quantises to 4-bit nf4 only (PEFT's 8-bit "
+                             f"path scales whole rows, which row-parallel shards do not hold); use loftq_bits=4")
+        if not isinstance(iters, int) or isinstance(iters, bool) or iters <= 0:
+            raise ValueError(f"loftq_iter must be a positive integer, got {iters!r}")
 
     def scaling_for(self, r: int, alpha: float) -> float:
         return alpha / (r ** 0.5) if self.use_rslora else alpha / r
