@@ -15,7 +15,7 @@ from dist_lora.checkpoint import (
     save_adapter,
     save_training_state,
 )
-from dist_lora.config import LoraConfig
+from dist_lora.config import LoftQConfig, LoraConfig
 from dist_lora.management import (
     active_adapters,
     delete_adapter,
@@ -32,6 +32,7 @@ from dist_lora.replicas import check_replicas
 from dist_lora.state import adapter_state_dict, set_adapter_state_dict
 
 __all__ = [
+    "LoftQConfig",
     "LoraConfig",
     "active_adapters",
     "adapter_state_dict",
