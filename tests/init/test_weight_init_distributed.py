@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from dist_lora import LoraConfig, adapter_state_dict, apply_lora, export_peft, models, set_adapter_state_dict, unload
+from dist_lora import (LoraConfig, adapter_state_dict, add_adapter, apply_lora, export_peft, models,
+                       set_adapter_state_dict, unload)
 from dist_lora.config import LoftQConfig
 from dist_lora.parallel.collectives import RankError, group_rank
 from dist_lora.testing import check, distributed_tests
@@ -40,6 +41,9 @@ SCENARIOS = {  # name: (model, config, exact?)
     "pissa_niter": ("decay", dict(r=4, lora_alpha=8, target_modules=ALL, init_lora_weights="pissa_niter_8"), False),
 }
 EXPORTED = ("pissa", "olora")
+# A second adapter decomposes what the first one left in the base (as PEFT's add_adapter does).
+FIRST = dict(r=4, lora_alpha=8, init_lora_weights="pissa", target_modules=["k_proj", "gate_proj", "down_proj"])
+SECOND = dict(r=2, lora_alpha=2, init_lora_weights="olora", target_modules=["k_proj", "gate_proj", "down_proj"])
 TOL = 1e-4  # float64-Gram SVD / CholeskyQR against LAPACK float32 on the full matrix
 
 
@@ -57,6 +61,7 @@ def _planted_spectrum(model, seed: int = 3) -> None:
 
 
 def prepare(tmp: Path) -> dict:
+    import peft
     from transformers import AutoModelForCausalLM
 
     data = {}
@@ -71,11 +76,15 @@ def prepare(tmp: Path) -> dict:
         torch.manual_seed(0)  # PEFT's svd_lowrank draws from the global generator
         hf = AutoModelForCausalLM.from_pretrained(data[family], attn_implementation="eager").float().eval()
         ref = peft_init(hf, **config)
-        import peft
-
         state = {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(ref).items()}
         torch.save({"ids": ids, "state": state, "base": residual_base(ref), "logits": ref(ids).logits.detach()},
                    tmp / f"ref_{scenario}.pt")
+    hf = AutoModelForCausalLM.from_pretrained(data["llama"], attn_implementation="eager").float().eval()
+    ref = peft_init(hf, **FIRST)
+    ref.add_adapter("second", peft.LoraConfig(**SECOND))
+    second = peft.get_peft_model_state_dict(ref, adapter_name="second")
+    torch.save({"state": {k: v.detach().clone() for k, v in second.items()}, "base": residual_base(ref)},
+               tmp / "ref_second.pt")
     return data
 
 
@@ -149,6 +158,18 @@ def initialisation_and_residual_base_match_peft(ctx):
             tol = TOL if exact else 1e-3
             worst = max(base, key=lambda k: rel_error(base[k], ref["base"][k]))
             assert rel_error(base[worst], ref["base"][worst]) <= tol, (name, worst, rel_error(base[worst], ref["base"][worst]))
+
+
+@check("tp2")
+def a_second_adapter_decomposes_the_residual_of_the_first_as_in_peft(ctx):
+    ref = torch.load(Path(ctx.tmp) / "ref_second.pt")
+    model = models.from_pretrained(ctx.data["llama"])
+    apply_lora(model, LoraConfig(**FIRST))
+    add_adapter(model, LoraConfig(**SECOND), "second")
+    _assert_exact_up_to_sign(adapter_state_dict(model, "second"), ref["state"], "second adapter")
+    base = _gathered_base(ctx, model, "second")
+    if base is not None:
+        assert max(rel_error(base[k], ref["base"][k]) for k in ref["base"]) <= TOL
 
 
 @check("tp2", "pp2")
