@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from dist_lora import (LoraConfig, adapter_state_dict, add_adapter, apply_lora, export_peft, models,
-                       set_adapter_state_dict, unload)
+from dist_lora import (LoraConfig, adapter_state_dict, add_adapter, apply_lora, export_peft, load_adapter, models,
+                       save_adapter, set_adapter_state_dict, unload)
 from dist_lora.config import LoftQConfig
 from dist_lora.parallel.collectives import RankError, group_rank
 from dist_lora.testing import check, distributed_tests
@@ -170,6 +170,23 @@ def a_second_adapter_decomposes_the_residual_of_the_first_as_in_peft(ctx):
     base = _gathered_base(ctx, model, "second")
     if base is not None:
         assert max(rel_error(base[k], ref["base"][k]) for k in ref["base"]) <= TOL
+
+
+@check("tp2")
+def a_pissa_checkpoint_loaded_on_the_original_base_recreates_the_residual(ctx):
+    family, config, _ = SCENARIOS["pissa"]
+    ref = torch.load(Path(ctx.tmp) / "ref_pissa.pt")
+    model = models.from_pretrained(ctx.data[family])
+    apply_lora(model, _ours(config))
+    g = torch.Generator().manual_seed(9)
+    state = adapter_state_dict(model)
+    set_adapter_state_dict(model, {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in sorted(state.items())})
+    save_adapter(model, Path(ctx.tmp) / "pissa_ckpt")
+    fresh = models.from_pretrained(ctx.data[family])  # the original base
+    load_adapter(fresh, Path(ctx.tmp) / "pissa_ckpt")
+    ours, theirs = models.logits(model, ref["ids"]), models.logits(fresh, ref["ids"])
+    assert rel_error(theirs, ours) <= TOL, rel_error(theirs, ours)
+    assert rel_error(ours, ref["logits"]) > 1e-2  # the perturbation matters
 
 
 @check("tp2", "pp2")
