@@ -8,6 +8,7 @@ residual base plus ``scaling * B A`` after PiSSA rewrote the weight; so must we.
 from __future__ import annotations
 
 import peft
+import pytest
 import torch
 
 from dist_lora import LoraConfig, adapter_state_dict, apply_lora
@@ -44,3 +45,21 @@ def test_pissa_with_dora_and_rslora_matches_peft():
     ours = apply_lora(hf_model(TINY_CONFIGS["llama"]), LoraConfig(**config))
     _assert_up_to_sign(adapter_state_dict(ours), peft.get_peft_model_state_dict(ref))
     _assert_same_base(ours, ref)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="PEFT's LoftQ runs where CUDA exists")
+def test_peft_loftq_cannot_run_on_a_cpu_only_machine_so_the_reference_patches_the_device():
+    """PEFT 0.21's ``loftq_init`` moves the weight to "cuda" (or "xpu") unconditionally; our
+    reference (``cpu_loftq``) runs the same bytecode with "cpu" and equals dist_lora."""
+    from peft.utils.loftq_utils import loftq_init
+
+    from dist_lora.testing.peft_init_reference import cpu_loftq
+
+    weight = torch.randn(8, 64)
+    with pytest.raises((AssertionError, RuntimeError)):
+        loftq_init(weight, num_bits=4, reduced_rank=2, num_iter=1)
+    with cpu_loftq():
+        import peft.tuners.lora.layer as lora_layer
+
+        base, lora_a, lora_b = lora_layer.loftq_init(weight, num_bits=4, reduced_rank=2, num_iter=1)
+    assert base.shape == weight.shape and lora_a.shape == (2, 64) and lora_b.shape == (8, 2)
