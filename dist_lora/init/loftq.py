@@ -23,11 +23,7 @@ BLOCKSIZE = 64  # bitsandbytes Params4bit's default, which PEFT's loftq_init use
 
 
 def check_loftq(config, hf_name: str, local_in: int) -> None:
-    """Raise ``ValueError`` naming what is wrong with a LoftQ setup (before any work)."""
-    loftq = config.loftq_config or {}
-    if not loftq:
-        raise ValueError("init_lora_weights='loftq' needs loftq_config, e.g. "
-                         "LoraConfig(..., loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1))")
+    """Raise ``ValueError`` if LoftQ cannot run on this layer (``LoraConfig`` checked loftq_config)."""
     if not bnb.available():
         raise ValueError(f"init_lora_weights='loftq' needs bitsandbytes, which is not installed; {bnb.INSTALL_HINT}")
     if local_in % BLOCKSIZE:
