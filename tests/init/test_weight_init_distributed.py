@@ -74,7 +74,8 @@ def prepare(tmp: Path) -> dict:
             _planted_spectrum(model)
         model.save_pretrained(str(tmp / name))
         data[name] = str(tmp / name)
-    ids = torch.randint(0, min(c["vocab_size"] for c in TINY_CONFIGS.values()), (2, 8), generator=torch.Generator().manual_seed(5))
+    vocab = min(c["vocab_size"] for c in TINY_CONFIGS.values())
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(5))
     for scenario, (family, config, _) in SCENARIOS.items():
         torch.manual_seed(0)  # PEFT's svd_lowrank draws from the global generator
         hf = AutoModelForCausalLM.from_pretrained(data[family], attn_implementation="eager").float().eval()
