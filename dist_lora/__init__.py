@@ -24,7 +24,7 @@ from dist_lora.checkpoint import (
     save_training_state,
 )
 from dist_lora.combine import add_weighted_adapter
-from dist_lora.config import LoraConfig
+from dist_lora.config import LoftQConfig, LoraConfig
 from dist_lora.eva.collect import get_eva_state_dict
 from dist_lora.eva.config import EvaConfig
 from dist_lora.eva.initialize import initialize_lora_eva_weights
@@ -47,6 +47,7 @@ from dist_lora.state import adapter_state_dict, set_adapter_state_dict
 __all__ = [
     "AdaLoraConfig",
     "EvaConfig",
+    "LoftQConfig",
     "LoraConfig",
     "active_adapters",
     "adapter_state_dict",

@@ -14,7 +14,8 @@ from torch import nn
 
 from dist_lora.config import LoraConfig
 from dist_lora.dispatch import describe
-from dist_lora.init_methods import initial_factors
+from dist_lora.init import check_weight_init, initialise_from_weight
+from dist_lora.init_methods import seeded_generator, initial_factors, weight_method
 from dist_lora.layers.adapter_layer import AdapterLayer
 from dist_lora.layers.dora import row_norm
 from dist_lora.layers.factors import LoraFactors
@@ -63,7 +64,11 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> tuple[list
             raise ValueError(f"{c.hf_name} is a modules_to_save module of another adapter; it cannot get LoRA")
         if config.lora_bias and c.kind == "embedding":
             raise ValueError(f"lora_bias=True is not supported on embedding layers ({c.hf_name})")
-        plan.append((c, *rank_and_alpha(config, c)))
+        r, alpha = rank_and_alpha(config, c)
+        if weight_method(config.init_lora_weights) is not None:
+            shard = current.shard if isinstance(current, AdapterLayer) else describe(current, _vocab_size(model))[1]
+            check_weight_init(config, c, shard, r)
+        plan.append((c, r, alpha))
     saved = []
     for wanted in config.modules_to_save or []:
         hits = [c for c in candidates(model) if c.slot.fused is None and c.slot.rows is None
@@ -125,6 +130,9 @@ def _build(model: nn.Module, config: LoraConfig, adapter_name: str, plan, saved,
         full = initial_factors(config.init_lora_weights, factors.global_shapes(module.shard), kind, r, seed,
                                adapter_name, c.hf_name, c.slot.key)
         factors.load_global(full, module.shard)
+        if weight_method(config.init_lora_weights) is not None:  # PiSSA / OLoRA / LoftQ: rewrites the base rows
+            initialise_from_weight(module, factors, c.slot, config,
+                                   seeded_generator(seed, adapter_name, c.hf_name, c.slot.key, "weight"))
         if config.use_dora:
             with torch.no_grad():
                 norm = row_norm(module._read_rows(c.slot), factors.delta_weight(), module.shard)

@@ -36,6 +36,15 @@ _UNSUPPORTED_DEFAULTS = {
 
 
 @dataclass
+class LoftQConfig:
+    """PEFT's ``LoftQConfig``: bits of the quantised base (dist_lora: 4, nf4) and alternating
+    quantise / SVD rounds. Pass it as ``LoraConfig(init_lora_weights="loftq", loftq_config=...)``."""
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+
+@dataclass
 class LoraConfig:
     """Configuration of one LoRA / rsLoRA / DoRA adapter (PEFT's ``LoraConfig`` fields).
 
@@ -60,6 +69,7 @@ class LoraConfig:
         use_dora: weight-decomposed LoRA (a magnitude vector per output row).
         eva_config: :class:`~dist_lora.eva.config.EvaConfig` (or its dict) for
             ``init_lora_weights="eva"``; defaults to ``EvaConfig()`` then, as in PEFT.
+        loftq_config: :class:`LoftQConfig` (stored as a dict) for ``init_lora_weights="loftq"``.
     """
 
     r: int = 8
@@ -78,6 +88,7 @@ class LoraConfig:
     init_lora_weights: Union[bool, str] = True
     use_dora: bool = False
     eva_config: Optional[EvaConfig] = None
+    loftq_config: dict = field(default_factory=dict)
     task_type: Optional[str] = None
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
@@ -94,6 +105,8 @@ class LoraConfig:
         self.eva_config = as_eva_config(self.eva_config)
         if self.init_lora_weights == "eva" and self.eva_config is None:
             self.eva_config = EvaConfig()
+        if isinstance(self.loftq_config, LoftQConfig):
+            self.loftq_config = dataclasses.asdict(self.loftq_config)
         self.validate()
 
     def validate(self) -> None:
@@ -111,6 +124,7 @@ class LoraConfig:
         if self.use_dora and self.lora_bias:
             raise ValueError("lora_bias=True is not supported with DoRA (as in PEFT); set use_dora=False")
         check_init_method(self.init_lora_weights)
+        self._validate_loftq()
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pattern, dict):
                 raise ValueError(f"{name} must be a dict of module pattern -> value, got {type(pattern).__name__}")
@@ -123,6 +137,23 @@ class LoraConfig:
             raise ValueError("layers_pattern cannot be used when target_modules is a regex string")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform")
+
+    def _validate_loftq(self) -> None:
+        if not isinstance(self.loftq_config, dict):
+            raise ValueError(f"loftq_config must be a LoftQConfig or a dict, got {type(self.loftq_config).__name__}")
+        if self.init_lora_weights != "loftq":
+            return
+        if not self.loftq_config:
+            raise ValueError("init_lora_weights='loftq' needs loftq_config, e.g. loftq_config=LoftQConfig(loftq_bits=4)")
+        unknown = set(self.loftq_config) - {"loftq_bits", "loftq_iter"}
+        if unknown:
+            raise ValueError(f"loftq_config has unknown keys {sorted(unknown)}; known: loftq_bits, loftq_iter")
+        bits, iters = self.loftq_config.get("loftq_bits", 4), self.loftq_config.get("loftq_iter", 1)
+        if bits != 4:
+            raise ValueError(f"loftq_bits={bits!r}: dist_lora's LoftQ quantises to 4-bit nf4 only (PEFT's 8-bit "
+                             f"path scales whole rows, which row-parallel shards do not hold); use loftq_bits=4")
+        if not isinstance(iters, int) or isinstance(iters, bool) or iters <= 0:
+            raise ValueError(f"loftq_iter must be a positive integer, got {iters!r}")
 
     def scaling_for(self, r: int, alpha: float) -> float:
         return alpha / (r ** 0.5) if self.use_rslora else alpha / r

@@ -108,3 +108,37 @@ def _orient(u, s, v, dim, dtype):
     if dim == 1:  # x = W^T, so W = v diag(s) u^T
         return v.to(dtype), s.to(dtype), u.t().to(dtype)
     return u.to(dtype), s.to(dtype), v.t().to(dtype)
+
+
+def leading_columns_qr(local: torch.Tensor, dim: int | None, group, k: int,
+                       col_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """QR of the first ``k`` columns of the global ``W`` [m, n]: ``W[:, :k] = Q R``. Returns
+    ``Q`` [m or m_i, k] and ``Qᵀ W`` [k, n or n_i] (the first ``k`` rows of the R of a full QR
+    of ``W``), each in ``W``'s layout: a row shard keeps ``Q`` sharded and ``Qᵀ W`` replicated,
+    a column shard the other way round.
+
+    Rows sharded (``dim=0``): tall-skinny CholeskyQR2, then one all-reduce of ``Qᵀ W_i``
+    [k, n]. Columns sharded (``dim=1``, ``col_offset`` = global index of this shard's first
+    column): the [m, k] leading columns are assembled with one all-reduce and factored locally
+    (Householder, identical on every rank); ``Qᵀ W_i`` needs no communication. Signs of the
+    columns of ``Q`` follow a positive diagonal of R (LAPACK may flip some). Float64 inside,
+    returned in ``local``'s dtype."""
+    x = local.double()
+    if dim == 0:
+        q = _tsqr(x[:, :k], 0, group)[0]
+        return q.to(local.dtype), C.all_reduce_(q.t() @ x, group).to(local.dtype)
+    lead = x[:, :k] if dim is None else _leading_columns(x, group, k, col_offset)
+    q, r = torch.linalg.qr(lead)
+    sign = torch.sign(torch.diagonal(r))
+    sign[sign == 0] = 1
+    q = q * sign
+    return q.to(local.dtype), (q.t() @ x).to(local.dtype)
+
+
+def _leading_columns(x: torch.Tensor, group, k: int, col_offset: int) -> torch.Tensor:
+    """Global columns [0, k) of a column-sharded matrix, replicated: each rank adds its part."""
+    lead = x.new_zeros(x.shape[0], k)
+    lo, hi = col_offset, min(col_offset + x.shape[1], k)
+    if hi > lo:
+        lead[:, lo:hi] = x[:, : hi - lo]
+    return C.all_reduce_(lead, group)

@@ -7,6 +7,8 @@ cut; only adapter tensors are written (no fused names, no base weights). ``impor
 PEFT LoRA / DoRA adapter onto any layout.
 
 PEFT keeps the default adapter in ``out_dir`` and any other in ``out_dir/<name>``; so do we.
+PiSSA / OLoRA adapters export as plain LoRA on the original base with
+``path_initial_model_for_weight_conversion`` (see :mod:`dist_lora.checkpoint.initial_conversion`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def _peft_config(config: LoraConfig, modules: dict[str, tuple[int, float]], save
     out.update(target_modules=sorted(modules), exclude_modules=None, layers_to_transform=None,
                layers_pattern=None, modules_to_save=saved or None, init_lora_weights=True,
                rank_pattern={m: r for m, (r, _) in sorted(modules.items()) if r != config.r},
-               alpha_pattern={m: a for m, (_, a) in sorted(modules.items()) if a != config.lora_alpha})
+               alpha_pattern={m: a for m, (_, a) in sorted(modules.items()) if a != config.lora_alpha},
+               loftq_config={})
     if base_model is not None:
         out["base_model_name_or_path"] = base_model
     return out
@@ -48,14 +51,25 @@ def _out_dir(out_dir: Path, adapter_name: str) -> Path:
 
 
 def export_peft(model_or_path, out_dir: str | Path, adapter_name: str = "default",
-                base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
-    """Write the adapter in PEFT's format; returns the directory written."""
+                base_model_name_or_path: str | None = None, overwrite: bool = False,
+                path_initial_model_for_weight_conversion: str | Path | None = None) -> Path:
+    """Write the adapter in PEFT's format; returns the directory written.
+
+    ``path_initial_model_for_weight_conversion`` (live models): the directory this function
+    wrote right after ``apply_lora`` with PiSSA / OLoRA; the adapter is then written as plain
+    LoRA of twice the rank that is valid on the *original* base weights (as PEFT's
+    ``save_pretrained`` argument of the same name)."""
     if isinstance(model_or_path, (str, Path)):
+        if path_initial_model_for_weight_conversion is not None:
+            raise ValueError("path_initial_model_for_weight_conversion needs the live model; pass the model, "
+                             "not a checkpoint directory")
         return _export_checkpoint(Path(model_or_path), Path(out_dir), base_model_name_or_path, overwrite)
-    return _export_model(model_or_path, Path(out_dir), adapter_name, base_model_name_or_path, overwrite)
+    return _export_model(model_or_path, Path(out_dir), adapter_name, base_model_name_or_path, overwrite,
+                         path_initial_model_for_weight_conversion)
 
 
-def _export_model(model, out_dir: Path, adapter_name: str, base: str | None, overwrite: bool) -> Path:
+def _export_model(model, out_dir: Path, adapter_name: str, base: str | None, overwrite: bool,
+                  initial: str | Path | None = None) -> Path:
     from dist_lora.checkpoint.entries import entries
     from dist_lora.parallel.collectives import all_gather_object
     from dist_lora.registry import require_adapter
@@ -73,12 +87,16 @@ def _export_model(model, out_dir: Path, adapter_name: str, base: str | None, ove
     error = None
     if group_rank() == 0:
         try:
+            if initial is not None:
+                from dist_lora.checkpoint.initial_conversion import subtract_initial
+
+                state, config, merged = subtract_initial(state, config, merged, initial)
             with atomic_directory(target, overwrite) as tmp:
                 from safetensors.torch import save_file
 
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
                 (tmp / CONFIG).write_text(json.dumps(_peft_config(config, merged, saved, base), indent=2, sort_keys=True))
-        except OSError as err:
+        except (OSError, ValueError) as err:
             error = err
     raise_if_any(error, what=f"exporting to {target}")
     return target
