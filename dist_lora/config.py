@@ -31,7 +31,6 @@ _UNSUPPORTED_DEFAULTS = {
     "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
     "monteclora_config": None, "layer_replication": None, "target_parameters": None, "use_bdlora": None,
     "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
-    "loftq_config": {},
 }
 
 
