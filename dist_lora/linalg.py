@@ -8,7 +8,9 @@ spans the sharded dimension stays sharded, the other one is replicated. No rank 
 [n, q] / [q, q] sketches (randomised SVD and tall-skinny QR, q = the rank).
 
 Small dense algebra runs in float64: a Gram matrix squares the condition number, and float64
-keeps the leading singular vectors as accurate as LAPACK's float32 SVD of the full matrix.
+keeps the leading singular vectors as accurate as LAPACK's float32 SVD of the full matrix. The
+randomised SVD multiplies ``W`` by its [n, q] sketches in float32, as ``torch.svd_lowrank``
+does (those products are its whole cost), and orthogonalises them in float64.
 Signs of singular / QR vectors are conventions and may differ from LAPACK's; products such as
 ``U S Vh`` and every projector are exact.
 
@@ -40,7 +42,11 @@ def svd(local: torch.Tensor, dim: int | None, group, rank: int) -> tuple[torch.T
 
     Shapes: ``U`` [m or m_i, rank], ``S`` [rank] (descending), ``Vh`` [rank, n or n_i]; the
     factor along ``dim`` is this rank's shard. One all-reduce of an [k, k] Gram matrix, k the
-    unsharded dimension. Returned in ``local``'s dtype."""
+    unsharded dimension; a replicated matrix (``dim=None``) uses the Gram over its smaller side,
+    with no communication. Returned in ``local``'s dtype."""
+    if dim is None and local.shape[1] > local.shape[0]:
+        u, s, vh = svd(local.t(), None, None, rank)  # W^T = V S U^T: the [m, m] Gram, m < n
+        return vh.t(), s, u.t()
     x = _rows(local, dim).double()
     gram = _sum(x.t() @ x, dim, group)
     evals, evecs = torch.linalg.eigh(gram)  # ascending
@@ -61,13 +67,17 @@ def svd_lowrank(local: torch.Tensor, dim: int | None, group, rank: int, niter: i
     iteration one all-reduce of an [k, rank] sketch and one tall-skinny QR ([rank, rank])."""
     if niter < 0:
         raise ValueError(f"niter={niter}: the number of subspace iterations must be >= 0")
-    x = _rows(local, dim).double()
+    x = _rows(local, dim).float()  # products with W in float32 (as torch.svd_lowrank), the rest float64
+
+    def times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a.float() @ b.float()).double()
+
     omega = torch.randn(x.shape[1], rank, generator=generator, dtype=torch.float64)
-    q = _tsqr(x @ omega, dim, group)[0]
+    q = _tsqr(times(x, omega), dim, group)[0]
     for _ in range(niter):
-        z = torch.linalg.qr(_sum(x.t() @ q, dim, group))[0]  # replicated [k, rank]
-        q = _tsqr(x @ z, dim, group)[0]
-    b = _sum(q.t() @ x, dim, group)  # replicated [rank, k]
+        z = torch.linalg.qr(_sum(times(x.t(), q), dim, group))[0]  # replicated [k, rank]
+        q = _tsqr(times(x, z), dim, group)[0]
+    b = _sum(times(q.t(), x), dim, group)  # replicated [rank, k]
     ub, s, vh = torch.linalg.svd(b, full_matrices=False)
     u, v = _fix_signs(q @ ub, vh.t())
     return _orient(u, s, v, dim, local.dtype)

@@ -55,7 +55,7 @@ def randomised_svd_finds_the_leading_subspace(ctx):
     p, r, group = ctx.groups.tp_size, ctx.groups.tp_rank, ctx.groups.tp_group
     w = _matrix(64, 40, seed=1)
     u_ref, s_ref, vh_ref = torch.linalg.svd(w, full_matrices=False)
-    for dim in (0, 1):
+    for dim in (0, 1, None):
         g = torch.Generator().manual_seed(7)
         u, s, vh = linalg.svd_lowrank(_shard(w, dim, p, r), dim, group, rank=8, niter=4, generator=g)
         u = _gather(u, 0 if dim == 0 else None, ctx)
