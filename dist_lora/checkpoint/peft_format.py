@@ -34,13 +34,15 @@ CONFIG = "adapter_config.json"
 def _peft_config(config: LoraConfig, modules: dict[str, tuple[int, float]], saved: list[str],
                  base_model: str | None) -> dict:
     """PEFT config naming exactly the exported modules; ranks / alphas that differ from the
-    defaults become explicit ``rank_pattern`` / ``alpha_pattern`` entries."""
+    defaults become explicit ``rank_pattern`` / ``alpha_pattern`` entries. The exported weights
+    are final, so the initialisation and its settings (``loftq_config``, ``eva_config``) are not
+    carried over."""
     out = config.to_dict()
     out.update(target_modules=sorted(modules), exclude_modules=None, layers_to_transform=None,
                layers_pattern=None, modules_to_save=saved or None, init_lora_weights=True,
                rank_pattern={m: r for m, (r, _) in sorted(modules.items()) if r != config.r},
                alpha_pattern={m: a for m, (_, a) in sorted(modules.items()) if a != config.lora_alpha},
-               loftq_config={})
+               loftq_config={}, eva_config=None)
     if base_model is not None:
         out["base_model_name_or_path"] = base_model
     return out

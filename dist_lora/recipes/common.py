@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from dist_lora.parallel.collectives import barrier, broadcast_object
+from dist_lora.parallel.collectives import broadcast_object
 from dist_lora.recipes.config import FinetuneConfig, load_config
 from dist_lora.recipes.data import Batches, read_texts, samples, tokenizer_for
 
@@ -29,16 +29,30 @@ def learning_rate(step: int, train) -> float:
     return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+DEMO_SOURCE = "dist_lora_demo.json"
+
+
 def base_dir(config: FinetuneConfig, out: Path, rank: int) -> Path:
-    """The HF model directory: ``model.hf_dir``, or the demo model built once by rank 0."""
+    """The HF model directory: ``model.hf_dir``, or the demo model built once by rank 0 into
+    ``<output.dir>/base`` (with a note of what it was built from: a later run of another demo
+    config or seed in the same directory is refused, not trained on the old weights)."""
     if config.model.hf_dir is not None:
         return Path(config.model.hf_dir)
-    base = out / "base"
-    if rank == 0 and not (base / "config.json").is_file():
-        from dist_lora.testing.tiny import save_tiny
+    base, error = out / "base", None
+    if rank == 0:
+        source = {"config": json.loads(Path(config.model.demo_config).read_text()), "seed": config.model.demo_seed}
+        note = base / DEMO_SOURCE
+        if not (base / "config.json").is_file():
+            from dist_lora.testing.tiny import save_tiny
 
-        save_tiny(config.model.demo_config, base, seed=config.model.demo_seed)
-    barrier()
+            save_tiny(source["config"], base, seed=source["seed"])
+            note.write_text(json.dumps(source))
+        elif not note.is_file() or json.loads(note.read_text()) != source:
+            error = (f"{base} holds a demo model built from another model.demo_config or model.demo_seed; "
+                     f"use a new output.dir")
+    error = broadcast_object(error)
+    if error is not None:
+        raise ValueError(error)
     return base
 
 
@@ -146,23 +160,25 @@ def plot(metrics_file: Path, out: Path) -> None:
 
 
 def finish(model, logits: Callable[[torch.Tensor], torch.Tensor], config: FinetuneConfig, out: Path, base: Path,
-           holdout: torch.Tensor, rank: int, quantize: tuple[str, int] | None, log: MetricsLog) -> int:
-    """Export the adapter in PEFT's format, verify it against peft (``logits``: our model's, a
-    collective), draw the loss curve; the exit code (1 when verification fails)."""
-    import dist_lora as dl
+           holdout: torch.Tensor, rank: int, quantize: tuple[str, int] | None, log: MetricsLog, applied) -> int:
+    """Release the adapter in PEFT's format (:func:`dist_lora.recipes.adapter.release`), verify each
+    export against peft (``logits``: our model's, a collective), draw the loss curve; the exit
+    code (1 when a verification fails)."""
+    from dist_lora.recipes.adapter import release
 
-    adapter = out / "adapter"
-    dl.export_peft(model, adapter, base_model_name_or_path=str(base), overwrite=True)
+    exports = release(model, applied, out, base)
     code = 0
     if config.output.verify:
         tolerance = config.output.verify_tolerance
         if config.train.dtype != "float32":
             tolerance = max(tolerance, 5e-2)
-        verdict = verify(logits(holdout), base, adapter, holdout, tolerance, rank, quantize)
-        code = 0 if "OK" in verdict else 1
-        if rank == 0:
-            print(verdict, flush=True)
-    log.close(out, adapter)
+        ours = logits(holdout)
+        for adapter in exports:
+            verdict = verify(ours, base, adapter, holdout, tolerance, rank, quantize)
+            code = code or (0 if "OK" in verdict else 1)
+            if rank == 0:
+                print(f"{adapter.name}: {verdict}", flush=True)
+    log.close(out, exports[0])
     return code
 
 

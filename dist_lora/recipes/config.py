@@ -2,7 +2,8 @@
 
 Every key is known and typed; a wrong one is rejected with its dotted name (``train.lr must be a
 float, got 'fast'``), so a typo never reaches a job of many ranks. ``lora`` holds
-``dist_lora.LoraConfig`` fields. Overrides use the same dotted names: ``train.steps=20``.
+``dist_lora.LoraConfig`` fields, or ``adalora`` ``dist_lora.AdaLoraConfig`` fields (one of the
+two; see :mod:`dist_lora.recipes.adapter`). Overrides use the same dotted names: ``train.steps=20``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class FinetuneConfig:
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     lora: dict = field(default_factory=dict)
+    adalora: dict = field(default_factory=dict)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -89,7 +91,10 @@ class FinetuneConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
     def lora_config(self) -> LoraConfig:
-        return LoraConfig(**self.lora)
+        """The adapter's config: ``LoraConfig`` of ``lora``, or ``AdaLoraConfig`` of ``adalora``."""
+        from dist_lora.recipes.adapter import adapter_config
+
+        return adapter_config(self)
 
 
 def _check_type(name: str, value, annotation):
@@ -118,6 +123,8 @@ def _build(cls, data: dict, prefix: str):
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, f"{prefix}{key}.")
+        elif hint is dict and value is None:  # "lora: null" (e.g. an override) drops the section
+            kwargs[key] = {}
         else:
             kwargs[key] = _check_type(f"{prefix}{key}", value, hint)
     return cls(**kwargs)
@@ -154,8 +161,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
     for name in ("steps", "micro_batch_size", "micro_batches", "log_every"):
         if getattr(config.train, name) < 1:
             raise ValueError(f"train.{name} must be >= 1")
-    try:
-        config.lora_config()
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"config section lora: {err}") from err
+    from dist_lora.recipes.adapter import check
+
+    check(config, runner=None)
     return config

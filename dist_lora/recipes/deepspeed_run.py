@@ -26,6 +26,7 @@ import dist_lora as dl
 from dist_lora import parallel
 from dist_lora.integrations import deepspeed as ds
 from dist_lora.parallel.collectives import all_reduce_
+from dist_lora.recipes import adapter
 from dist_lora.recipes.common import MetricsLog, base_dir, finish, latest, learning_rate, point_latest, training_data
 from dist_lora.recipes.config import FinetuneConfig
 
@@ -68,6 +69,7 @@ def check(config: FinetuneConfig) -> None:
     if config.parallel.tensor_parallel != 1 or config.parallel.pipeline_parallel != 1 or config.parallel.sequence_parallel:
         raise ValueError("the DeepSpeed path is data-parallel only: set parallel.tensor_parallel=1, "
                          "parallel.pipeline_parallel=1, parallel.sequence_parallel=false (or use launch/finetune.py)")
+    adapter.check(config, "deepspeed")
     engine_config(config)
 
 
@@ -85,12 +87,12 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
         checkpoints.mkdir(parents=True, exist_ok=True)
     base = base_dir(config, out, groups.rank)
     model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager", dtype=torch.float32).train()
-    dl.apply_lora(model, config.lora_config())
+    holdout, batches = training_data(config, base, groups.dp_size, groups.dp_rank)
+    applied = adapter.apply(model, config, batches, out)
     quantize = None
     if config.model.quantize is not None:
         quantize = (config.model.quantize, config.model.quantize_blocksize)
         dl.quantize_base(model, *quantize)
-    holdout, batches = training_data(config, base, groups.dp_size, groups.dp_rank)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=t.lr,
                                   weight_decay=t.weight_decay)
     engine = ds.initialize(model, optimizer, ds_config)
@@ -129,6 +131,6 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
         with torch.no_grad():
             return engine(ids).logits
 
-    code = finish(model, logits, config, out, base, holdout, groups.rank, quantize, log)
+    code = finish(model, logits, config, out, base, holdout, groups.rank, quantize, log, applied)
     parallel.shutdown()
     return code

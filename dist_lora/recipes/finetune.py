@@ -20,6 +20,7 @@ import dist_lora as dl
 from dist_lora import models, parallel
 from dist_lora.models.training import clip_grad_norm, finalize_grads, forward_backward, use_megatron_ddp
 from dist_lora.parallel.collectives import all_reduce_
+from dist_lora.recipes import adapter
 from dist_lora.recipes.common import MetricsLog, base_dir, finish, latest, learning_rate, point_latest, training_data
 from dist_lora.recipes.config import FinetuneConfig
 
@@ -28,6 +29,7 @@ def check(config: FinetuneConfig) -> None:
     """What this runner needs beyond a valid recipe (checked before any process group starts)."""
     if config.deepspeed.config is not None:
         raise ValueError("deepspeed.config is set: run this recipe with launch/finetune_deepspeed.py")
+    adapter.check(config, "megatron")
 
 
 def run(config: FinetuneConfig, resume: bool = False) -> int:
@@ -41,14 +43,14 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
         checkpoints.mkdir(parents=True, exist_ok=True)
     base = base_dir(config, out, groups.rank)
     model = models.from_pretrained(base, dtype=torch.float32 if t.dtype == "float32" else torch.bfloat16)
-    dl.apply_lora(model, config.lora_config())
+    holdout, batches = training_data(config, base, groups.dp_size, groups.dp_rank)
+    applied = adapter.apply(model, config, batches, out)
     quantize = None
     if config.model.quantize is not None:
         quantize = (config.model.quantize, config.model.quantize_blocksize)
         dl.quantize_base(model, *quantize)
 
     use_megatron_ddp(model)  # DP gradients reduced in Megatron-Core's buckets
-    holdout, batches = training_data(config, base, groups.dp_size, groups.dp_rank)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=t.lr,
                                   weight_decay=t.weight_decay)
     start = 0
@@ -64,10 +66,14 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
         ids, labels = batches(step)
         optimizer.zero_grad(set_to_none=True)
         loss = forward_backward(model, ids, labels, num_microbatches=t.micro_batches)
+        penalty = adapter.after_backward(model, applied)  # AdaLoRA's orthogonality penalty
         finalize_grads(model)
         grad_norm = clip_grad_norm(model, t.clip_grad)
         optimizer.step()
+        adapter.after_step(model, applied, step)  # AdaLoRA's rank allocation
         loss = all_reduce_(loss.detach().clone(), groups.dp_group).item() / groups.dp_size
+        if penalty is not None:  # the training objective, as PEFT's AdaLoRA loss
+            loss += penalty.item()
         log.step(step + 1, loss, lr, grad_norm, time.perf_counter() - tick)
         if (step + 1) % config.checkpoint.every == 0 or step + 1 == log.last:
             name = f"step-{step + 1:06d}"
@@ -79,6 +85,7 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
         log.bar.close()
         parallel.shutdown()
         return 0
-    code = finish(model, lambda ids: models.logits(model, ids), config, out, base, holdout, groups.rank, quantize, log)
+    code = finish(model, lambda ids: models.logits(model, ids), config, out, base, holdout, groups.rank, quantize, log,
+                  applied)
     parallel.shutdown()
     return code
