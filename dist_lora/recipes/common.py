@@ -200,4 +200,13 @@ def launcher_main(doc: str, argv: list[str] | None, run_name: str) -> int:
     except (OSError, ValueError) as err:
         print(f"{Path(sys.argv[0]).stem}: config error: {err}", file=sys.stderr)
         return 2
-    return runner.run(config, resume=args.resume)
+    from dist_lora import parallel
+    from dist_lora.parallel.collectives import RankError, group_rank
+
+    try:
+        return runner.run(config, resume=args.resume)
+    except RankError as err:  # raised on every rank together (bad input found after start): say it once
+        if group_rank() == 0:
+            print(f"{Path(sys.argv[0]).stem}: error: {err}", file=sys.stderr, flush=True)
+        parallel.shutdown()
+        return 1

@@ -75,3 +75,21 @@ def test_adalora_recipe_prunes_to_the_global_budget_and_releases_both_formats(tm
 def test_adapter_methods_that_cannot_be_released_are_refused_before_start(overrides, runner, needle):
     with pytest.raises(ValueError, match=needle):
         adapter.check(load_config(DEMO, overrides), runner)
+
+
+def test_bad_input_found_after_start_ends_every_rank_with_one_message(tmp_path):
+    """LoftQ at TP=2 on the demo: o_proj's 32-column shards are not whole nf4 blocks, which only
+    the model can tell; every rank stops together and rank 0 says why once (no traceback, no hang)."""
+    import subprocess
+
+    from tests.recipes.test_finetune import TORCHRUN
+
+    out = tmp_path / "bad"
+    result = subprocess.run([*TORCHRUN, str(ROOT / "launch" / "finetune.py"), "--config", str(DEMO),
+                             f"output.dir={out}", f"checkpoint.dir={out / 'checkpoints'}", "model.quantize=nf4",
+                             "lora.init_lora_weights=loftq", "lora.loftq_config={loftq_bits: 4}", LINEAR],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode != 0
+    assert result.stderr.count("finetune: error: adding adapter 'default' failed on 2 rank(s)") == 1, result.stderr
+    assert "o_proj has 32 input features per tensor-parallel rank" in result.stderr
+    assert not (out / "checkpoints" / "latest").exists()
