@@ -13,6 +13,11 @@ wrappers ZeRO-3 safe:
 * :func:`gathered` materialises partitioned parameters for code that reads or writes them
   outside a forward (export, state dicts, merging), and is a no-op for ordinary tensors.
 
+A 4-bit base (:class:`~dist_lora.layers.quantized.QuantizedLinear`) is partitioned too under
+ZeRO-3: its packed bytes become a frozen uint8 parameter of the 4-bit layer (fetched with its
+forward and backward) and, when an adapter wraps it, an external parameter of the wrapper as well
+(which may read the base weight before calling it, e.g. DoRA's norm).
+
 Without a GPU, ``DS_ACCELERATOR=cpu`` is set before DeepSpeed is imported (gloo back-end).
 """
 
@@ -72,11 +77,16 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict)
 
     Adapter tensors become external parameters of their wrappers first (see module docstring)."""
     deepspeed = _deepspeed()
+    from dist_lora.layers.quantized import QuantizedLinear
     from dist_lora.registry import wrappers
 
+    if int(config.get("zero_optimization", {}).get("stage", 0)) == 3:
+        for module in model.modules():
+            if isinstance(module, QuantizedLinear):
+                module.partitionable()
     for _, wrapper in wrappers(model):
         for name, param in wrapper.named_parameters():
-            if not name.startswith("base_layer."):
+            if not name.startswith("base_layer.") or name == "base_layer.weight_packed":
                 deepspeed.zero.register_external_parameter(wrapper, param)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
     return engine

@@ -7,9 +7,12 @@ blocks, the blocks (and their absmax) are exactly those of the unsharded weight,
 model computes with the same dequantised weight as a single device would.
 
 Storage: ``weight_packed`` uint8 [out_local * in_local / 2, 1] and ``weight_absmax`` float32
-[out_local * in_local / blocksize] are *buffers* (frozen; DeepSpeed ZeRO-3 partitions
-parameters, so the 4-bit base stays whole on each rank, at 1/8 of its float32 size); the bias
-stays the original (trainable or frozen) ``Parameter``.
+[out_local * in_local / blocksize] are frozen *buffers*; the bias stays the original (trainable
+or frozen) ``Parameter``. Under DeepSpeed ZeRO-3, :meth:`QuantizedLinear.partitionable` turns
+``weight_packed`` into a frozen uint8 ``Parameter``: ZeRO-3 then keeps 1/world of it per rank
+and gathers it for this layer's forward and backward, as it does a float weight (DeepSpeed
+casts only floating-point parameters to its compute dtype, so the bytes stay bytes). The
+absmax (1/64 of the packed size at blocksize 64) stays a float32 buffer on every rank.
 
 Compute: ``y = x W^T`` with W dequantised on the fly in the compute dtype (the dtype of the
 weight it replaced). Nothing float-sized is saved for backward: the input gradient
@@ -75,6 +78,15 @@ class QuantizedLinear(nn.Module):
         self.skip_bias_add = bool(getattr(base, "skip_bias_add", False))
         self.in_features, self.out_features = shard.in_features, shard.out_features
         self.base_type = type(base).__name__
+
+    def partitionable(self) -> nn.Parameter:
+        """Make ``weight_packed`` a frozen ``Parameter`` (same tensor, ``requires_grad=False``)
+        so that ZeRO-3 partitions it; returns it. Idempotent."""
+        packed = self.weight_packed
+        if not isinstance(packed, nn.Parameter):
+            del self._buffers["weight_packed"]
+            self.weight_packed = nn.Parameter(packed, requires_grad=False)
+        return self.weight_packed
 
     def dequantized_weight(self) -> torch.Tensor:
         """This rank's weight shard [out_local, in_local], dequantised to the compute dtype."""

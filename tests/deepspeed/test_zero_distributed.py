@@ -114,7 +114,13 @@ def qlora_under_zero_trains_the_peft_adapter_of_the_dequantised_model(ctx):
         model, engine = _engine(stage, ref["state"], quantize=True)
         _train(ctx, engine, ids, labels)
         _assert_adapter(model, ref["final"], f"QLoRA ZeRO-{stage}")
-        assert model.model.layers[0].mlp.down_proj.base_layer.weight_packed.dtype == torch.uint8
+        packed = model.model.layers[0].mlp.down_proj.base_layer.weight_packed
+        assert packed.dtype == torch.uint8
+        if stage == 3:  # the 4-bit bytes are partitioned: each rank keeps half
+            assert ds.is_partitioned(packed) and packed.numel() == 0
+            assert packed.ds_tensor.numel() == packed.ds_numel // 2, (packed.ds_tensor.numel(), packed.ds_numel)
+        else:
+            assert not ds.is_partitioned(packed)
 
 
 test_zero_distributed = distributed_tests(__name__, world_size=2, prepare=prepare)
