@@ -31,8 +31,8 @@ from dist_lora.parallel.collectives import raise_if_any
 NAMESPACE = "adalora"
 _NAMES = ("sensitivity", "uncertainty")
 # The allocator's schedule: a resumed run must use the checkpoint's, or its EMAs and pattern mean
-# something else (the scaling and the loss do not depend on these).
-_SCHEDULE = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "total_step")
+# something else (init_r is checked by AdaLoraConfig.check_loadable, as for any load).
+_SCHEDULE = ("target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "total_step")
 
 
 def state_tensors(model: nn.Module, adapter_name: str) -> dict[torch.Tensor, dict[str, torch.Tensor]]:
