@@ -5,10 +5,10 @@ stored and resharded exactly like the parameter (key ``<param key>.optim.<name>`
 state (``step``) is stored replicated. An adapter method with training state of its own
 (:func:`dist_lora.methods.training_state_module`; AdaLoRA's allocator EMAs) hands it over in the
 same form, ``{param: {name: tensor}}``, stored as ``<param key>.<namespace>.<name>`` and given
-back to the method's ``restore_state`` on load. Every rank also writes its RNG states (CPU generator and
-Megatron's tracker) to ``rng-rank<R>.safetensors``; they are restored when the job has the same
-layout, so a resumed run continues with bit-identical losses on CPU, and skipped with a warning
-when the layout changed (the streams of a different layout cannot be the same anyway).
+back to the method's ``restore_state`` on load. Every rank also writes its RNG states (CPU
+generator and Megatron's tracker) to ``rng-rank<R>.safetensors``; they are restored when the
+job has the same layout, so a resumed run continues with bit-identical losses on CPU, and
+skipped with a warning when the layout changed (the streams of a different layout cannot be the same anyway).
 """
 
 from __future__ import annotations
