@@ -30,12 +30,13 @@ from dist_lora import __version__
 def _inspect(args) -> int:
     from tqdm import tqdm
 
+    from dist_lora.checkpoint.entries import is_training_state
     from dist_lora.checkpoint.sharded import read_manifest, sha256_of
 
     path = Path(args.path)
     manifest = read_manifest(path)
     config = manifest["adapter_config"]
-    tensors = {k: m for k, m in manifest["tensors"].items() if not m["role"].startswith("optim.")}
+    tensors = {k: m for k, m in manifest["tensors"].items() if not is_training_state(m["role"])}
     params = sum(math.prod(m["shape"]) for m in tensors.values())
     ranks = sorted({m["shape"][0] for m in tensors.values() if m["role"] == "lora_A"})
     print(f"checkpoint   {path}")

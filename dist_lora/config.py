@@ -14,7 +14,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from dist_lora.eva.config import EvaConfig, as_eva_config
 from dist_lora.init_methods import check_init_method
@@ -94,6 +94,10 @@ class LoraConfig:
     inference_mode: bool = False
     peft_type: str = "LORA"
 
+    # Fields that training changes (AdaLoRA's learned ``rank_pattern``): loading a checkpoint into
+    # an adapter that already exists takes them from the checkpoint's config.
+    LEARNED: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
@@ -156,6 +160,14 @@ class LoraConfig:
 
     def scaling_for(self, r: int, alpha: float) -> float:
         return alpha / (r ** 0.5) if self.use_rslora else alpha / r
+
+    def check_loadable(self, saved: "LoraConfig") -> None:
+        """Raise ``ValueError`` if tensors saved from an adapter with config ``saved`` cannot load
+        into an adapter with this config (another method; shapes are checked per tensor)."""
+        if saved.peft_type != self.peft_type:
+            raise ValueError(f"the checkpoint's adapter is {saved.peft_type} but this model's adapter is "
+                             f"{self.peft_type}; load it into a model whose adapter is {saved.peft_type} (same "
+                             f"targets), or into a model without that adapter (loading creates it)")
 
     # -- JSON round trip ------------------------------------------------------------------
 

@@ -59,7 +59,12 @@ class AllocatorState:
         self.uncertainty.clear()
 
 
-def _state(model: nn.Module, adapter_name: str, config: AdaLoraConfig) -> AllocatorState:
+def existing_state(model: nn.Module, adapter_name: str) -> AllocatorState | None:
+    """The allocator of ``adapter_name`` if ``update_and_allocate`` (or a restore) created it."""
+    return getattr(model, _ATTR, {}).get(adapter_name)
+
+
+def allocator_state(model: nn.Module, adapter_name: str, config: AdaLoraConfig) -> AllocatorState:
     """The allocator of ``adapter_name``, created on first use (collective over PP)."""
     states = getattr(model, _ATTR, None)
     if states is None:
@@ -194,7 +199,7 @@ def update_and_allocate(model: nn.Module, global_step: int, adapter_name: str = 
         error = ValueError(f"global_step must be a non-negative integer, got {global_step!r}")
     raise_if_any(error, what="update_and_allocate")
     _check_same_step(global_step)
-    state = _state(model, adapter_name, config)
+    state = allocator_state(model, adapter_name, config)
     final = config.total_step - config.tfinal
     if global_step > final:
         error = None if config.rank_pattern is not None else RuntimeError(

@@ -17,7 +17,7 @@ starting rank), and DoRA, ``lora_bias``, ``alpha_pattern``, trainable biases and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from dist_lora.config import LoraConfig
 
@@ -54,6 +54,8 @@ class AdaLoraConfig(LoraConfig):
     total_step: Optional[int] = None
     rank_pattern: Optional[dict] = None
     peft_type: str = "ADALORA"
+
+    LEARNED: ClassVar[tuple[str, ...]] = ("rank_pattern",)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that is wrong (PEFT's checks, and those
@@ -109,6 +111,13 @@ class AdaLoraConfig(LoraConfig):
     def scaling_for(self, r: int, alpha: float) -> float:
         """PEFT's AdaLoRA scaling: ``lora_alpha / (ranknum + 1e-5)`` with ranknum = init_r (fixed)."""
         return (alpha if alpha > 0 else float(r)) / (float(r) + 1e-5)
+
+    def check_loadable(self, saved: "LoraConfig") -> None:
+        """Also refuse another ``init_r`` (the triplet count every saved tensor is shaped by)."""
+        super().check_loadable(saved)
+        if saved.init_r != self.init_r:
+            raise ValueError(f"the checkpoint's AdaLoRA adapter has init_r={saved.init_r} but this model's has "
+                             f"init_r={self.init_r}; apply AdaLoRA with init_r={saved.init_r} to load it")
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()

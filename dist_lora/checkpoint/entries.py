@@ -40,6 +40,13 @@ class Entry:
                 "adapted": list(self.adapted), "alpha": self.alpha}
 
 
+def is_training_state(role: str) -> bool:
+    """Whether a manifest ``role`` is training state stored like a parameter (key
+    ``<param key>.<role>``, role ``optim.<name>`` or a method's ``<namespace>.<name>``, e.g.
+    ``adalora.sensitivity``) rather than an adapter tensor (adapter roles have no dot)."""
+    return "." in role
+
+
 def entries(model: nn.Module, adapter: str) -> list[Entry]:
     """This rank's tensors of ``adapter`` (parameters, not copies)."""
     out = []

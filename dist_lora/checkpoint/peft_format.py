@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from dist_lora.checkpoint.atomic import atomic_directory
+from dist_lora.checkpoint.entries import is_training_state
 from dist_lora.checkpoint.sharded import ShardReader, read_manifest
 from dist_lora.checkpoint.stream_writer import StreamWriter
 from dist_lora.config import LoraConfig
@@ -115,7 +116,7 @@ def _checkpoint_plan(manifest: dict, config: LoraConfig):
     spec = spec_from_config(manifest["model_config"]) if manifest["model_config"] else None
     plan, ranks, saved = [], {}, []
     for key, meta in manifest["tensors"].items():
-        if meta["role"].startswith("optim."):  # optimizer state of a training checkpoint
+        if is_training_state(meta["role"]):  # optimizer / method state of a training checkpoint
             continue
         names = tuple(meta["hf_names"])
         shapes = split_fused(meta["fused"], torch.empty(meta["shape"], device="meta"), names, spec,

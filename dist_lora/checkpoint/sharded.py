@@ -16,6 +16,7 @@ reads only the overlapping slices.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -26,9 +27,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dist_lora.checkpoint.atomic import check_target, publish, recover, temporary_sibling
-from dist_lora.checkpoint.entries import Entry, entries
+from dist_lora.checkpoint.entries import Entry, entries, is_training_state
 from dist_lora.checkpoint.reshard import overlaps, padded_extent, pieces
 from dist_lora.config import LoraConfig
+from dist_lora.methods import adder, config_from_dict
 from dist_lora.parallel.collectives import all_gather_object, broadcast_object, group_rank, raise_if_any
 from dist_lora.registry import registry, require_adapter
 
@@ -216,24 +218,27 @@ class ShardReader:
 def load_adapter(model, path: str | Path, adapter_name: str = "default") -> None:
     """Load a sharded adapter checkpoint onto ``model``'s layout (any TP / PP), collectively.
 
-    The adapter is created from the checkpoint's config if the model does not have it yet.
-    Every tensor of the adapter must be in the checkpoint with the same global shape; errors
-    (missing or corrupted shard, checksum mismatch, a checkpoint of another model) are raised
-    on every rank and leave the model's adapter weights unchanged.
+    The adapter is created from the checkpoint's config (LoRA or AdaLoRA, by its ``peft_type``)
+    if the model does not have it yet. An existing adapter must be of the same method (and, for
+    AdaLoRA, the same ``init_r``); it takes the checkpoint's learned config fields
+    (``LoraConfig.LEARNED``: AdaLoRA's ``rank_pattern``). Every tensor of the adapter must be in
+    the checkpoint with the same global shape; errors (missing or corrupted shard, checksum
+    mismatch, a checkpoint of another model or method) are raised on every rank and leave the
+    model's adapter weights and config unchanged.
     """
-    from dist_lora.apply import add_adapter
-
     path = Path(path)
-    manifest, error = None, None
+    manifest, error, current = None, None, registry(model, create=True).configs.get(adapter_name)
     try:
         manifest = read_manifest(path)
-        config = LoraConfig.from_dict(manifest["adapter_config"])
+        config = config_from_dict(manifest["adapter_config"])
         _check_same_model(model, manifest, path)
+        if current is not None:
+            current.check_loadable(config)
     except (OSError, ValueError, KeyError) as err:
         error = err
     raise_if_any(error, what=f"loading adapter from {path}")
-    if adapter_name not in registry(model, create=True).configs:
-        add_adapter(model, config, adapter_name)
+    if current is None:
+        adder(config)(model, config, adapter_name)
     mine, reader, staged = entries(model, adapter_name), ShardReader(path, manifest), []
     try:
         for e in mine:
@@ -244,8 +249,11 @@ def load_adapter(model, path: str | Path, adapter_name: str = "default") -> None
     with torch.no_grad():
         for e, tensor in staged:
             e.param.copy_(tensor)
+    if current is not None:
+        for name in current.LEARNED:
+            setattr(current, name, copy.deepcopy(getattr(config, name)))
     used = set().union(*all_gather_object({e.key for e in mine}))
-    unused = sorted(k for k, m in manifest["tensors"].items() if k not in used and not m["role"].startswith("optim."))
+    unused = sorted(k for k, m in manifest["tensors"].items() if k not in used and not is_training_state(m["role"]))
     if unused:
         raise ValueError(f"the checkpoint has tensors this model's adapter does not have: {unused[:5]} "
                          f"(was it saved from another model or config?)")

@@ -8,19 +8,29 @@ penalty, ``finalize_grads``, AdamW, ``update_and_allocate``) and must reproduce 
 loss (cross-entropy + orthogonality penalty), the rank pattern and the adapter, then export both
 PEFT formats that peft loads with our logits. Layouts at world size 4: ``tp1`` = DP4,
 ``tp2`` = TP2 x DP2, ``tp2-sp`` = TP2 + SP x DP2, ``pp2`` = PP2 x DP2, ``tp2-pp2``.
+
+Training checkpoints (same launch): a run saved at step k and resumed on a fresh model and
+optimizer repeats the uninterrupted run bit for bit (losses, masks, rank pattern, allocator EMAs,
+adapter) for k before any ``update_and_allocate``, in the middle of the budget schedule and after
+the final pattern; the EMAs reshard to another layout; wrong checkpoints fail on every rank.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 import torch
 
+import dist_lora as dl
 from dist_lora import models, set_adapter_state_dict, adapter_state_dict
 from dist_lora.adalora import AdaLoraConfig, apply_adalora, orth_reg_loss, update_and_allocate
 from dist_lora.adalora.export import export_adalora
 from dist_lora.adalora.shrink import shrink_to_rank_pattern
+from dist_lora.adalora.state import state_tensors
+from dist_lora.checkpoint.entries import entries
+from dist_lora.checkpoint.sharded import ShardReader
 from dist_lora.models.training import finalize_grads, forward_backward
 from dist_lora.parallel.collectives import RankError, all_gather_object
 from dist_lora.registry import require_adapter
@@ -147,6 +157,165 @@ def fused_megatron_target_is_refused(ctx):
     model = models.from_pretrained(ctx.data["llama"])
     with pytest.raises(RankError, match="target the Hugging Face names"):
         apply_adalora(model, AdaLoraConfig(**dict(CONFIG, target_modules=["linear_qkv"])))
+
+
+# Checkpoints of the resume checks: before the first update_and_allocate, in the middle of the
+# budget schedule (cubic steps 3-6), and after the final pattern (step 7 = total_step - tfinal).
+RESUME_AT = (0, 5, 8)
+
+
+def _ema_digest(model) -> str:
+    """Digest of this rank's allocator EMAs, in a fixed order ("" when it holds none)."""
+    h = hashlib.sha256()
+    for e in entries(model, "default"):
+        for name, t in sorted(state_tensors(model, "default").get(e.param, {}).items()):
+            h.update(f"{e.key}.{name}".encode() + t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest() if state_tensors(model, "default") else ""
+
+
+def _adamw(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01,
+                             eps=ADAM_EPS)
+
+
+def _train(ctx, model, optimizer, ref, steps, save_to: Path | None = None) -> list:
+    """One record per step (loss, rank pattern, EMA digest); saves before the steps in RESUME_AT."""
+    ids, labels = _mine(ctx, ref["ids"]), _mine(ctx, shifted(ref["labels"]))
+    out = []
+    for step in steps:
+        if save_to is not None and step in RESUME_AT:
+            dl.save_training_state(model, optimizer, save_to / f"k{step}", step=step, data_position=step)
+        loss = _step_loss(ctx, model, ids, labels)
+        optimizer.step()
+        update_and_allocate(model, step)
+        optimizer.zero_grad()
+        out.append((loss, require_adapter(model, "default").rank_pattern, _ema_digest(model)))
+    return out
+
+
+def _fresh(ctx):
+    """Another initial adapter and a new optimizer: only a complete restore repeats the run."""
+    torch.manual_seed(999)
+    model = models.from_pretrained(ctx.data["llama"])
+    apply_adalora(model, AdaLoraConfig(**CONFIG), seed=77)
+    return model, _adamw(model)
+
+
+def _straight(ctx, ref, save_to: Path | None = None):
+    model = _model(ctx, ref)
+    records = _train(ctx, model, _adamw(model), ref, range(STEPS), save_to)
+    return model, records
+
+
+def _same_adapter(a: dict, b: dict) -> bool:
+    return sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@check("tp2", "pp2")
+def resumed_training_repeats_the_uninterrupted_run_bit_for_bit(ctx):
+    ref = torch.load(Path(ctx.tmp) / "ref.pt")
+    root = Path(ctx.tmp) / f"resume_{ctx.layout.name}"
+    model, straight = _straight(ctx, ref, save_to=root)
+    final, pattern = adapter_state_dict(model), require_adapter(model, "default").rank_pattern
+    for k in RESUME_AT:
+        manifest = dl.checkpoint.read_manifest(root / f"k{k}")
+        has_emas = any(m["role"].startswith("adalora.") for m in manifest["tensors"].values())
+        assert has_emas == (0 < k <= CONFIG["total_step"] - CONFIG["tfinal"]), (k, has_emas)
+        saved = AdaLoraConfig.from_dict(manifest["adapter_config"])
+        assert saved.rank_pattern == (straight[k - 1][1] if k else None) and saved.total_step == STEPS
+        model, optimizer = _fresh(ctx)
+        record = dl.load_training_state(model, optimizer, root / f"k{k}")
+        assert require_adapter(model, "default").to_dict() == saved.to_dict()
+        resumed = _train(ctx, model, optimizer, ref, range(record["data_position"], STEPS))
+        for step, (ours, theirs) in enumerate(zip(resumed, straight[k:]), start=k):
+            assert ours[0] == theirs[0], f"resumed at {k}: step {step} loss {ours[0]!r} != {theirs[0]!r}"
+            assert ours[1] == theirs[1], f"resumed at {k}: step {step} rank pattern differs"
+            assert ours[2] == theirs[2], f"resumed at {k}: step {step} allocator EMAs differ"
+        assert _same_adapter(adapter_state_dict(model), final), f"resumed at {k}: final adapter differs"
+        assert require_adapter(model, "default").rank_pattern == pattern
+    if ctx.layout.tp == 2:  # the resumed adapter exports to a PEFT AdaLoRA adapter peft loads
+        logits = models.logits(model, ref["ids"])
+        export_adalora(model, root / "export", format="adalora")
+        if ctx.groups.rank == 0:
+            import peft
+
+            loaded = peft.PeftModel.from_pretrained(hf_model(TINY_CONFIGS["llama"]), str(root / "export"))
+            with torch.no_grad():
+                assert rel_error(loaded(input_ids=ref["ids"]).logits, logits) <= 1e-5
+    ctx.state["straight"] = straight
+
+
+@check("pp2")
+def allocator_state_reshards_from_tp2_to_pp2(ctx):
+    """The mid-schedule checkpoint of TP2 x DP2 loads on PP2 x DP2: parameters, AdamW moments and
+    EMAs equal the saved global tensors bit for bit, and the run goes on like PP2's own."""
+    ref = torch.load(Path(ctx.tmp) / "ref.pt")
+    k, path = 5, Path(ctx.tmp) / "resume_tp2" / "k5"
+    model, optimizer = _fresh(ctx)
+    dl.load_training_state(model, optimizer, path)
+    manifest = dl.checkpoint.read_manifest(path)
+    reader, seen = ShardReader(path, manifest), 0
+    emas = state_tensors(model, "default")
+    for e in entries(model, "default"):
+        held = {"": e.param, **{f".optim.{n}": v for n, v in optimizer.state[e.param].items() if v.dim()},
+                **{f".adalora.{n}": v for n, v in emas[e.param].items()}}
+        assert len(held) == 5, (e.key, sorted(held))
+        for suffix, tensor in held.items():
+            assert torch.equal(tensor, reader.global_tensor(e.key + suffix)), e.key + suffix
+            seen += 1
+    assert seen == 5 * 3 * 7 * 2 // ctx.groups.pp_size  # 3 tensors x 7 projections x 2 layers, split over PP
+    resumed = _train(ctx, model, optimizer, ref, range(k, STEPS))
+    straight = ctx.state["straight"]  # this layout's uninterrupted run
+    for step, (ours, theirs) in enumerate(zip(resumed, straight[k:]), start=k):
+        assert abs(ours[0] - theirs[0]) <= 1e-5 * theirs[0], (step, ours[0], theirs[0])
+        assert ours[1] == theirs[1], f"step {step}: rank pattern differs after resharding"
+
+
+@check("tp2")
+def without_the_allocator_state_the_resumed_run_differs(ctx):
+    """The resume check would catch a lost allocator: emptying the EMAs after loading the
+    mid-schedule checkpoint changes the EMAs, the masks and the losses."""
+    from dist_lora.adalora.allocator import existing_state
+
+    ref = torch.load(Path(ctx.tmp) / "ref.pt")
+    model, optimizer = _fresh(ctx)
+    dl.load_training_state(model, optimizer, Path(ctx.tmp) / "resume_tp2" / "k5")
+    existing_state(model, "default").reset()
+    resumed = _train(ctx, model, optimizer, ref, range(5, STEPS))
+    straight = ctx.state["straight"][5:]
+    assert resumed[0][2] != straight[0][2]
+    assert [r[1] for r in resumed] != [r[1] for r in straight], "masks do not depend on the EMAs here"
+    assert [r[0] for r in resumed] != [r[0] for r in straight]
+
+
+@check("tp2")
+def checkpoints_of_another_method_init_r_or_schedule_fail_everywhere(ctx):
+    ada_ckpt = Path(ctx.tmp) / "resume_tp2" / "k5"
+    lora = models.from_pretrained(ctx.data["llama"])
+    dl.apply_lora(lora, dl.LoraConfig(r=4, target_modules=CONFIG["target_modules"]))
+    lora_opt = _adamw(lora)
+    lora_ckpt = Path(ctx.tmp) / "lora_tp2"
+    dl.save_training_state(lora, lora_opt, lora_ckpt, step=1)
+    ada, ada_opt = _fresh(ctx)
+    small = models.from_pretrained(ctx.data["llama"])
+    apply_adalora(small, AdaLoraConfig(**dict(CONFIG, init_r=3)))
+    longer = models.from_pretrained(ctx.data["llama"])
+    apply_adalora(longer, AdaLoraConfig(**dict(CONFIG, total_step=12)))
+    cases = [(lora, lora_opt, ada_ckpt, "adapter is ADALORA but this model's adapter is LORA"),
+             (ada, ada_opt, lora_ckpt, "adapter is LORA but this model's adapter is ADALORA"),
+             (small, _adamw(small), ada_ckpt, "init_r=4 but this model's has init_r=3"),
+             (longer, _adamw(longer), ada_ckpt, "schedule differs .*total_step: 10 vs 12")]
+    for model, optimizer, path, message in cases:
+        before, config = adapter_state_dict(model), require_adapter(model, "default").copy()
+        loaders = [lambda: dl.load_training_state(model, optimizer, path)]
+        if "schedule" not in message:
+            loaders.append(lambda: dl.load_adapter(model, path))
+        for load in loaders:
+            with pytest.raises(RankError, match=message):
+                load()
+            assert _same_adapter(adapter_state_dict(model), before) and require_adapter(model, "default") == config
+            assert not optimizer.state
+    assert all_gather_object("alive") == ["alive"] * ctx.world_size
 
 
 test_adalora_distributed = distributed_tests(__name__, world_size=4, prepare=prepare)
