@@ -48,10 +48,14 @@ def test_loftq_recipe_trains_on_the_nf4_base_it_initialised_for(tmp_path):
                "lora.loftq_config={loftq_bits: 4, loftq_iter: 1}", LINEAR)
 
 
-def test_adalora_recipe_prunes_to_the_global_budget_and_releases_both_formats(tmp_path):
-    rows = run_recipe(tmp_path, "adalora", "train.steps=24", "adalora.tinit=4", "adalora.tfinal=6",
-                      "adalora.deltaT=2", config=ADALORA)
+def test_adalora_recipe_prunes_to_the_global_budget_releases_both_formats_and_resumes(tmp_path):
+    schedule = ["train.steps=24", "checkpoint.every=10", "adalora.tinit=4", "adalora.tfinal=6", "adalora.deltaT=2"]
+    rows = run_recipe(tmp_path, "adalora", *schedule, config=ADALORA)
     assert len(rows) == 24
+    # stopped mid-schedule (step 10 of the 4..18 budget decrease): the allocator's EMAs are restored
+    run_recipe(tmp_path, "resumed", *schedule, "train.stop_at=10", config=ADALORA)
+    resumed = run_recipe(tmp_path, "resumed", *schedule, resume=True, config=ADALORA)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in rows]
     lora = _adapter_config(tmp_path, "adalora", "adapter_lora")
     ranks = list(lora["rank_pattern"].values())
     modules = 4 * 7 + 1
