@@ -99,10 +99,12 @@ def check(config: FinetuneConfig, runner: str) -> None:
 
 @dataclass
 class Applied:
-    """What :func:`apply` did: the method, and the initial adapter to convert against (PiSSA / OLoRA)."""
+    """What :func:`apply` did: the method, the initial adapter to convert against (PiSSA / OLoRA),
+    and the 4-bit base (``(quant_type, blocksize)``, or None for a float base)."""
 
     method: str
     initial: Path | None = None
+    quantize: tuple[str, int] | None = None
 
 
 class _EvaBatches:
@@ -121,22 +123,26 @@ class _EvaBatches:
 
 
 def apply(model, config: FinetuneConfig, batches, out: Path) -> Applied:
-    """Add the recipe's adapter to ``model`` and initialise it (collective over the job)."""
+    """Add the recipe's adapter to ``model``, initialise it, then quantise the base when the recipe
+    asks for a 4-bit one (after: initialisations read the float weights). Collective over the job."""
     import dist_lora as dl
 
     name, adapter = method(config), adapter_config(config)
+    applied = Applied(name)
     if name == "adalora":
         dl.apply_adalora(model, adapter)
-        return Applied(name)
-    dl.apply_lora(model, adapter)
+    else:
+        dl.apply_lora(model, adapter)
     if name == "eva":
         epoch = max(1, len(batches.data) // (batches.batch * batches.dp_size))
         dl.initialize_lora_eva_weights(model, _EvaBatches(batches, epoch))
     if name in ("pissa", "olora"):
-        initial = out / INITIAL
-        dl.export_peft(model, initial, overwrite=True)
-        return Applied(name, initial)
-    return Applied(name)
+        applied.initial = out / INITIAL
+        dl.export_peft(model, applied.initial, overwrite=True)
+    if config.model.quantize is not None:
+        applied.quantize = (config.model.quantize, config.model.quantize_blocksize)
+        dl.quantize_base(model, *applied.quantize)
+    return applied
 
 
 def after_backward(model, applied: Applied) -> torch.Tensor | None:

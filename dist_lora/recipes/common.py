@@ -160,7 +160,7 @@ def plot(metrics_file: Path, out: Path) -> None:
 
 
 def finish(model, logits: Callable[[torch.Tensor], torch.Tensor], config: FinetuneConfig, out: Path, base: Path,
-           holdout: torch.Tensor, rank: int, quantize: tuple[str, int] | None, log: MetricsLog, applied) -> int:
+           holdout: torch.Tensor, rank: int, log: MetricsLog, applied) -> int:
     """Release the adapter in PEFT's format (:func:`dist_lora.recipes.adapter.release`), verify each
     export against peft (``logits``: our model's, a collective), draw the loss curve; the exit
     code (1 when a verification fails)."""
@@ -174,7 +174,7 @@ def finish(model, logits: Callable[[torch.Tensor], torch.Tensor], config: Finetu
             tolerance = max(tolerance, 5e-2)
         ours = logits(holdout)
         for adapter in exports:
-            verdict = verify(ours, base, adapter, holdout, tolerance, rank, quantize)
+            verdict = verify(ours, base, adapter, holdout, tolerance, rank, applied.quantize)
             code = code or (0 if "OK" in verdict else 1)
             if rank == 0:
                 print(f"{adapter.name}: {verdict}", flush=True)

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import dist_lora as dl
 from dist_lora import parallel
 from dist_lora.integrations import deepspeed as ds
 from dist_lora.parallel.collectives import all_reduce_
@@ -88,11 +87,7 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
     base = base_dir(config, out, groups.rank)
     model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager", dtype=torch.float32).train()
     holdout, batches = training_data(config, base, groups.dp_size, groups.dp_rank)
-    applied = adapter.apply(model, config, batches, out)
-    quantize = None
-    if config.model.quantize is not None:
-        quantize = (config.model.quantize, config.model.quantize_blocksize)
-        dl.quantize_base(model, *quantize)
+    applied = adapter.apply(model, config, batches, out)  # and the 4-bit base, if any
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=t.lr,
                                   weight_decay=t.weight_decay)
     engine = ds.initialize(model, optimizer, ds_config)
@@ -131,6 +126,6 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
         with torch.no_grad():
             return engine(ids).logits
 
-    code = finish(model, logits, config, out, base, holdout, groups.rank, quantize, log, applied)
+    code = finish(model, logits, config, out, base, holdout, groups.rank, log, applied)
     parallel.shutdown()
     return code

@@ -44,11 +44,7 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
     base = base_dir(config, out, groups.rank)
     model = models.from_pretrained(base, dtype=torch.float32 if t.dtype == "float32" else torch.bfloat16)
     holdout, batches = training_data(config, base, groups.dp_size, groups.dp_rank)
-    applied = adapter.apply(model, config, batches, out)
-    quantize = None
-    if config.model.quantize is not None:
-        quantize = (config.model.quantize, config.model.quantize_blocksize)
-        dl.quantize_base(model, *quantize)
+    applied = adapter.apply(model, config, batches, out)  # and the 4-bit base, if any
 
     use_megatron_ddp(model)  # DP gradients reduced in Megatron-Core's buckets
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=t.lr,
@@ -85,7 +81,7 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
         log.bar.close()
         parallel.shutdown()
         return 0
-    code = finish(model, lambda ids: models.logits(model, ids), config, out, base, holdout, groups.rank, quantize, log,
+    code = finish(model, lambda ids: models.logits(model, ids), config, out, base, holdout, groups.rank, log,
                   applied)
     parallel.shutdown()
     return code
