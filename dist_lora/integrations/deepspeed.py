@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 INSTALL_HINT = "install it with: pip install 'dist-lora[deepspeed]' (deepspeed>=0.15)"
+_SHM_COMM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME
 
 
 def available() -> bool:
@@ -49,6 +50,12 @@ def _deepspeed(feature: str = "the DeepSpeed path"):
         import deepspeed
     except ImportError as exc:
         raise ImportError(f"{feature} needs DeepSpeed, which is not installed; {INSTALL_HINT}") from exc
+    # DeepSpeed's communication back-end JIT-compiles its shared-memory all-reduce op in every
+    # process it starts. That op serves only ``inference_all_reduce``, which training never calls,
+    # and loading it takes torch's build lock under ~/.cache/torch_extensions: a process killed
+    # while holding the lock leaves the file behind, and every later DeepSpeed start waits on it
+    # forever. Marking the op incompatible makes the back-end use the process group's all-reduce.
+    deepspeed.ops.__compatible_ops__[_SHM_COMM_OP] = False
     return deepspeed
 
 
