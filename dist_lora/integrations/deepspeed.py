@@ -82,8 +82,18 @@ def gathered(params: Iterable[torch.Tensor], modify: bool = False) -> Iterator[N
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict):
     """A DeepSpeed engine for ``model`` on the already initialised process group.
 
-    Adapter tensors become external parameters of their wrappers first (see module docstring)."""
+    Adapter tensors become external parameters of their wrappers first (see module docstring).
+    DeepSpeed reads the node-local rank from ``LOCAL_RANK``, which only torchrun (and DeepSpeed's
+    own launcher) set; under mpiexec or srun it is taken from :func:`dist_lora.parallel.initialize`'s
+    launcher detection."""
     deepspeed = _deepspeed()
+    if "LOCAL_RANK" not in os.environ:
+        from dist_lora.parallel import current_groups
+
+        try:
+            os.environ["LOCAL_RANK"] = str(current_groups().local_rank)
+        except RuntimeError:  # torch.distributed was started without dist_lora: DeepSpeed's own checks apply
+            pass
     from dist_lora.layers.quantized import QuantizedLinear
     from dist_lora.registry import wrappers
 

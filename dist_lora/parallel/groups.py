@@ -27,6 +27,7 @@ class ParallelGroups:
     backend: str
     launcher: str
     seed: int
+    local_rank: int = 0  # this process's index on its node (the launcher's LOCAL_RANK / SLURM_LOCALID / ...)
     tp_group: Any = field(repr=False, compare=False, default=None)
     pp_group: Any = field(repr=False, compare=False, default=None)
     dp_group: Any = field(repr=False, compare=False, default=None)

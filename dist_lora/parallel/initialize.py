@@ -58,6 +58,8 @@ def initialize(
     """
     from dist_lora.integrations.megatron import model_parallel_cuda_manual_seed, parallel_state
 
+    global _current
+
     if not dist.is_initialized():
         env = detect()
         _validate(env.world_size, tensor_parallel, pipeline_parallel, sequence_parallel)
@@ -72,10 +74,11 @@ def initialize(
             world_size=env.world_size,
             timeout=datetime.timedelta(seconds=timeout),
         )
-        launcher = env.launcher
+        launcher, local_rank = env.launcher, env.local_rank
     else:
         _validate(dist.get_world_size(), tensor_parallel, pipeline_parallel, sequence_parallel)
         launcher = "external"
+        local_rank = _current.local_rank if _current is not None else int(os.environ.get("LOCAL_RANK", 0))
 
     megatron_cpu.install()
     if parallel_state.model_parallel_is_initialized():
@@ -92,7 +95,6 @@ def initialize(
         megatron_cpu.seed_model_parallel(seed, tp_rank)
     torch.manual_seed(seed)
 
-    global _current
     _current = ParallelGroups(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
@@ -106,6 +108,7 @@ def initialize(
         backend=dist.get_backend(),
         launcher=launcher,
         seed=seed,
+        local_rank=local_rank,
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
         dp_group=parallel_state.get_data_parallel_group(),

@@ -18,7 +18,7 @@ from dist_lora import parallel
 from dist_lora.parallel.collectives import all_gather_object, all_reduce_
 g = parallel.initialize(tensor_parallel=2)
 total = all_reduce_(torch.ones(1) * (g.rank + 1)).item()
-row = [g.rank, g.world_size, g.launcher, total, all_gather_object(g.tp_rank)]
+row = [g.rank, g.world_size, g.local_rank, g.launcher, total, all_gather_object(g.tp_rank)]
 open(f"{sys.argv[1]}/rank{g.rank}.txt", "w").write(repr(row))
 parallel.shutdown()
 """
@@ -35,7 +35,7 @@ def _run(cmd, tmp_path):
 def test_torchrun(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
     rows = _run([str(torchrun), "--standalone", "--nproc_per_node=2"], tmp_path)
-    assert rows == [[0, 2, "torchrun", 3.0, [0, 1]], [1, 2, "torchrun", 3.0, [0, 1]]]
+    assert rows == [[0, 2, 0, "torchrun", 3.0, [0, 1]], [1, 2, 1, "torchrun", 3.0, [0, 1]]]
 
 
 def test_mpiexec(tmp_path):
@@ -44,4 +44,4 @@ def test_mpiexec(tmp_path):
         pytest.skip("no mpiexec: install the 'mpi' extra (pip install 'dist-lora[mpi]')")
     pytest.importorskip("mpi4py")
     rows = _run([str(mpiexec if mpiexec.exists() else shutil.which("mpiexec")), "-n", "2", sys.executable], tmp_path)
-    assert rows == [[0, 2, "mpi", 3.0, [0, 1]], [1, 2, "mpi", 3.0, [0, 1]]]
+    assert rows == [[0, 2, 0, "mpi", 3.0, [0, 1]], [1, 2, 1, "mpi", 3.0, [0, 1]]]

@@ -1,6 +1,7 @@
 """The DeepSpeed recipe end to end on 2 ranks: ZeRO-3 with a 4-bit base (QLoRA) trains (the loss
 falls), exports a PEFT adapter that peft verifies on the dequantised base, and resumes from a
-DeepSpeed checkpoint with bit-identical losses; bad ZeRO JSONs are rejected before any rank starts."""
+DeepSpeed checkpoint with bit-identical losses (the interrupted run under mpiexec, which sets no
+LOCAL_RANK, where MPI is installed); bad ZeRO JSONs are rejected before any rank starts."""
 
 from __future__ import annotations
 
@@ -8,18 +9,23 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.recipes.test_finetune import ROOT, run_recipe
+from tests.recipes.test_finetune import ROOT, TORCHRUN, run_recipe
 
 pytest.importorskip("deepspeed")
 DEMO = ROOT / "configs" / "demo_deepspeed.yaml"
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
 
 
-def _run(tmp_path, name, *overrides, resume=False):
-    return run_recipe(tmp_path, name, *overrides, resume=resume, env=ENV, script="finetune_deepspeed.py", config=DEMO)
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+def _run(tmp_path, name, *overrides, resume=False, launcher=TORCHRUN):
+    return run_recipe(tmp_path, name, *overrides, resume=resume, env=ENV, script="finetune_deepspeed.py", config=DEMO,
+                      launcher=launcher)
 
 
 def test_zero3_qlora_demo_trains_exports_verifies_and_resumes(tmp_path):
@@ -27,7 +33,8 @@ def test_zero3_qlora_demo_trains_exports_verifies_and_resumes(tmp_path):
     first, last = straight[:5], straight[-5:]
     assert sum(r["loss"] for r in last) / 5 < sum(r["loss"] for r in first) / 5 - 0.5, [r["loss"] for r in straight]
     assert (tmp_path / "straight" / "adapter" / "adapter_model.safetensors").is_file()
-    _run(tmp_path, "resumed", "train.steps=40", "train.stop_at=20", "checkpoint.every=20")
+    mpi = [str(MPIEXEC), "-n", "2", sys.executable] if MPIEXEC.exists() else TORCHRUN
+    _run(tmp_path, "resumed", "train.steps=40", "train.stop_at=20", "checkpoint.every=20", launcher=mpi)
     resumed = _run(tmp_path, "resumed", "train.steps=40", "checkpoint.every=20", resume=True)
     assert [r["step"] for r in resumed] == list(range(1, 41))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
