@@ -3,9 +3,12 @@
 A global matrix ``W`` [m, n] lives on the ranks of ``group`` as blocks along ``dim``: rows
 (``dim=0``, each rank holds [m_i, n]), columns (``dim=1``, [m, n_i]) or replicated
 (``dim=None``). Every function here returns its factors *in the same layout*: the factor that
-spans the sharded dimension stays sharded, the other one is replicated. No rank ever holds
+spans the sharded dimension stays sharded, the other one is replicated. No rank assembles
 ``W``; what travels is an [n, n] Gram matrix (exact SVD, n = the unsharded dimension), or
-[n, q] / [q, q] sketches (randomised SVD and tall-skinny QR, q = the rank).
+[n, q] / [q, q] sketches (randomised SVD and tall-skinny QR, q = the rank). One exception, for
+memory and time: when the sharded side m is the short one (m^2 + two shards < n^2), the exact
+SVD forms the [m, m] Gram instead, and for that the other ranks' shards visit one at a time
+(a rank holds its own shard and one visiting shard).
 
 Small dense algebra runs in float64: a Gram matrix squares the condition number, and float64
 keeps the leading singular vectors as accurate as LAPACK's float32 SVD of the full matrix. The
@@ -42,12 +45,19 @@ def svd(local: torch.Tensor, dim: int | None, group, rank: int) -> tuple[torch.T
 
     Shapes: ``U`` [m or m_i, rank], ``S`` [rank] (descending), ``Vh`` [rank, n or n_i]; the
     factor along ``dim`` is this rank's shard. One all-reduce of an [k, k] Gram matrix, k the
-    unsharded dimension; a replicated matrix (``dim=None``) uses the Gram over its smaller side,
-    with no communication. Returned in ``local``'s dtype."""
+    unsharded dimension, unless the Gram over the sharded side is the smaller one (a wide
+    weight split on its short side, e.g. k_proj [1024, 4096] on rows): then the shards visit
+    each other one at a time to build that Gram (:func:`_svd_by_sharded_gram`). A replicated
+    matrix (``dim=None``) uses the Gram over its smaller side, with no communication. Returned
+    in ``local``'s dtype."""
     if dim is None and local.shape[1] > local.shape[0]:
         u, s, vh = svd(local.t(), None, None, rank)  # W^T = V S U^T: the [m, m] Gram, m < n
         return vh.t(), s, u.t()
-    x = _rows(local, dim).double()
+    x = _rows(local, dim).double().contiguous()
+    if dim is not None:
+        rows = [int(t) for t in C.all_gather_tensors(torch.tensor([x.shape[0]]), group)]
+        if _sharded_side_is_smaller(rows, x.shape[1]):
+            return _svd_by_sharded_gram(x, rows, group, rank, dim, local.dtype)
     gram = _sum(x.t() @ x, dim, group)
     evals, evecs = torch.linalg.eigh(gram)  # ascending
     k = min(rank, evals.numel())
@@ -56,6 +66,36 @@ def svd(local: torch.Tensor, dim: int | None, group, rank: int) -> tuple[torch.T
     u = (x @ v) / s.clamp_min(torch.finfo(torch.float64).tiny)  # sharded left vectors
     u, v = _fix_signs(u, v)
     return _orient(u, s, v, dim, local.dtype)
+
+
+def _sharded_side_is_smaller(rows: list[int], n: int) -> bool:
+    """Whether the [m, m] Gram over the sharded side (plus two shards in memory) is smaller than
+    the [n, n] Gram over the unsharded side: k_proj / v_proj [1024, 4096] split on rows."""
+    m = sum(rows)
+    return len(rows) > 1 and m * m + 2 * max(rows) * n < n * n
+
+
+def _svd_by_sharded_gram(x: torch.Tensor, rows: list[int], group, rank: int, dim: int, dtype):
+    """Exact SVD of the row-sharded ``x`` [m_i, n] from its [m, m] Gram ``x xᵀ``.
+
+    The Gram's blocks ``x_i x_jᵀ`` pair shards of different ranks, so the shards are broadcast
+    one at a time (each rank holds its own and the visiting one, never the stacked matrix); each
+    rank fills its block row and one all-reduce of [m, m] completes the Gram. Left vectors come
+    from its eigenvectors (this rank keeps its rows), right vectors from one all-reduce of
+    ``x_iᵀ u_i`` [n, rank]."""
+    me = C.group_rank(group)
+    starts = [sum(rows[:j]) for j in range(len(rows) + 1)]
+    gram = x.new_zeros(starts[-1], starts[-1])
+    for j, count in enumerate(rows):
+        visiting = C.broadcast_(x if j == me else x.new_empty(count, x.shape[1]), j, group)
+        gram[starts[me]:starts[me + 1], starts[j]:starts[j + 1]] = x @ visiting.t()
+    evals, evecs = torch.linalg.eigh(C.all_reduce_(gram, group))  # ascending
+    k = min(rank, evals.numel())
+    s = evals[-k:].flip(0).clamp_min(0).sqrt()
+    u = evecs[starts[me]:starts[me + 1], -k:].flip(1)  # this rank's rows of the left vectors
+    v = C.all_reduce_(x.t() @ u, group) / s.clamp_min(torch.finfo(torch.float64).tiny)  # replicated
+    u, v = _fix_signs(u, v)
+    return _orient(u, s, v, dim, dtype)
 
 
 def svd_lowrank(local: torch.Tensor, dim: int | None, group, rank: int, niter: int,
