@@ -58,14 +58,20 @@ def svd(local: torch.Tensor, dim: int | None, group, rank: int) -> tuple[torch.T
         rows = [int(t) for t in C.all_gather_tensors(torch.tensor([x.shape[0]]), group)]
         if _sharded_side_is_smaller(rows, x.shape[1]):
             return _svd_by_sharded_gram(x, rows, group, rank, dim, local.dtype)
-    gram = _sum(x.t() @ x, dim, group)
-    evals, evecs = torch.linalg.eigh(gram)  # ascending
-    k = min(rank, evals.numel())
-    v = evecs[:, -k:].flip(1)  # replicated right vectors [k_dim, k]
-    s = evals[-k:].flip(0).clamp_min(0).sqrt()
-    u = (x @ v) / s.clamp_min(torch.finfo(torch.float64).tiny)  # sharded left vectors
+    s, v = _leading_eigenpairs(_sum(x.t() @ x, dim, group), rank)  # v: replicated right vectors
+    u = (x @ v) / s.clamp_min(_TINY)  # sharded left vectors
     u, v = _fix_signs(u, v)
     return _orient(u, s, v, dim, local.dtype)
+
+
+_TINY = torch.finfo(torch.float64).tiny
+
+
+def _leading_eigenpairs(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values [k] (descending) and the matching eigenvectors [g, k] of a Gram matrix."""
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    k = min(rank, evals.numel())
+    return evals[-k:].flip(0).clamp_min(0).sqrt(), evecs[:, -k:].flip(1)
 
 
 def _sharded_side_is_smaller(rows: list[int], n: int) -> bool:
@@ -89,11 +95,9 @@ def _svd_by_sharded_gram(x: torch.Tensor, rows: list[int], group, rank: int, dim
     for j, count in enumerate(rows):
         visiting = C.broadcast_(x if j == me else x.new_empty(count, x.shape[1]), j, group)
         gram[starts[me]:starts[me + 1], starts[j]:starts[j + 1]] = x @ visiting.t()
-    evals, evecs = torch.linalg.eigh(C.all_reduce_(gram, group))  # ascending
-    k = min(rank, evals.numel())
-    s = evals[-k:].flip(0).clamp_min(0).sqrt()
-    u = evecs[starts[me]:starts[me + 1], -k:].flip(1)  # this rank's rows of the left vectors
-    v = C.all_reduce_(x.t() @ u, group) / s.clamp_min(torch.finfo(torch.float64).tiny)  # replicated
+    s, u = _leading_eigenpairs(C.all_reduce_(gram, group), rank)
+    u = u[starts[me]:starts[me + 1]]  # this rank's rows of the left vectors
+    v = C.all_reduce_(x.t() @ u, group) / s.clamp_min(_TINY)  # replicated right vectors
     u, v = _fix_signs(u, v)
     return _orient(u, s, v, dim, dtype)
 

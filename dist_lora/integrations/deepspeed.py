@@ -92,7 +92,7 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict)
 
         try:
             os.environ["LOCAL_RANK"] = str(current_groups().local_rank)
-        except RuntimeError:  # torch.distributed was started without dist_lora: DeepSpeed's own checks apply
+        except RuntimeError:  # the process group was not started by dist_lora: DeepSpeed's own checks apply
             pass
     from dist_lora.layers.quantized import QuantizedLinear
     from dist_lora.registry import wrappers
