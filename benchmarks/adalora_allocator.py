@@ -68,7 +68,7 @@ def _peft_side(values: dict):
 
 def _ours_side(values: dict):
     import dist_lora as dl
-    from dist_lora.registry import adapter_layers
+    from dist_lora.adapters.registry import adapter_layers
 
     model = _base()
     dl.apply_adalora(model, dl.AdaLoraConfig(**CONFIG))

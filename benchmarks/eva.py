@@ -103,11 +103,11 @@ def _worker(rank: int, port: int, path: str) -> None:
 
 
 def run_ours_tp2():
+    import tempfile
+
     import torch.multiprocessing as mp
 
     from dist_lora.parallel.launch_env import free_port
-
-    import tempfile
 
     ctx = mp.get_context("spawn")
     port = free_port()

@@ -32,7 +32,7 @@ def build(path: Path) -> tuple[int, int]:
     from safetensors.torch import save_file
 
     from dist_lora.checkpoint.sharded import FORMAT, MANIFEST, sha256_of
-    from dist_lora.config import LoraConfig
+    from dist_lora.config.lora import LoraConfig
 
     c = LLAMA3_8B
     h, f = c["hidden_size"], c["intermediate_size"]

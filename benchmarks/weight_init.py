@@ -45,22 +45,20 @@ def _config(method: str):
 
 
 def time_ours(method: str, local, dim, group, rank: int, tp: int) -> float:
-    import importlib
-
     import torch
 
+    from dist_lora.config.init_names import weight_method
+    from dist_lora.init.methods import FROM_WEIGHT
     from dist_lora.init.weight import ShardedWeight
-    from dist_lora.init_methods import WEIGHT_METHODS, weight_method
 
     name, niter = weight_method(method)
-    module = importlib.import_module(WEIGHT_METHODS[name])
     weight = ShardedWeight(local, dim, group, rank * local.shape[1] if dim == 1 else 0)
     if group is not None:  # start together: the previous method may have ended at different times
         from dist_lora.parallel.collectives import barrier
 
         barrier(group)
     start = time.perf_counter()
-    module.factors(weight, R, ALPHA / R, niter, torch.Generator().manual_seed(1), _config(method))
+    FROM_WEIGHT[name](weight, R, ALPHA / R, niter, torch.Generator().manual_seed(1), _config(method))
     return time.perf_counter() - start
 
 

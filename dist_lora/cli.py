@@ -22,17 +22,22 @@ import json
 import math
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-from dist_lora import __version__
+import torch
+from tqdm import tqdm
+
+from dist_lora import __version__, models, parallel
+from dist_lora.checkpoint.entries import is_training_state
+from dist_lora.checkpoint.merge_release import merge_release
+from dist_lora.checkpoint.offline_reshard import reshard_checkpoint
+from dist_lora.checkpoint.peft_format import export_peft, import_peft
+from dist_lora.checkpoint.peft_to_sharded import peft_to_sharded
+from dist_lora.checkpoint.sharded import MANIFEST, load_adapter, read_manifest, sha256_of
 
 
 def _inspect(args) -> int:
-    from tqdm import tqdm
-
-    from dist_lora.checkpoint.entries import is_training_state
-    from dist_lora.checkpoint.sharded import read_manifest, sha256_of
-
     path = Path(args.path)
     manifest = read_manifest(path)
     config = manifest["adapter_config"]
@@ -66,25 +71,17 @@ def _inspect(args) -> int:
 
 
 def _convert(args) -> int:
-    from dist_lora.checkpoint.sharded import MANIFEST
-
     if not (Path(args.src) / MANIFEST).is_file():  # a PEFT adapter directory
         if args.base is None:
             raise ValueError("converting a PEFT adapter to a sharded checkpoint needs --base HF_DIR "
                              "(its config.json gives the Megatron layout)")
-        from dist_lora.checkpoint.peft_to_sharded import peft_to_sharded
-
         out = peft_to_sharded(args.src, args.base, args.dst, args.tp or 1, args.pp or 1, overwrite=args.overwrite)
         print(f"wrote sharded checkpoint for TP={args.tp or 1} PP={args.pp or 1} to {out}")
         return 0
     if args.tp is not None or args.pp is not None:
-        from dist_lora.checkpoint.offline_reshard import reshard_checkpoint
-
         out = reshard_checkpoint(args.src, args.dst, args.tp or 1, args.pp or 1, overwrite=args.overwrite)
         print(f"wrote sharded checkpoint for TP={args.tp or 1} PP={args.pp or 1} to {out}")
         return 0
-    from dist_lora.checkpoint.peft_format import export_peft
-
     out = export_peft(Path(args.src), Path(args.dst), base_model_name_or_path=args.base_model,
                       overwrite=args.overwrite)
     print(f"wrote PEFT adapter to {out}")
@@ -92,8 +89,6 @@ def _convert(args) -> int:
 
 
 def _merge(args) -> int:
-    from dist_lora.checkpoint.merge_release import merge_release
-
     out = merge_release(args.base, args.adapter, args.out, max_shard_size=int(args.max_shard_size_gb * 1024**3),
                         overwrite=args.overwrite, progress=args.progress)
     print(f"wrote merged model to {out}")
@@ -102,16 +97,6 @@ def _merge(args) -> int:
 
 def _verify(args) -> int:
     """peft and dist_lora on the same base, adapter and sample: the largest logit difference."""
-    import tempfile
-
-    import torch
-
-    from dist_lora import models, parallel
-    from dist_lora.checkpoint import export_peft, import_peft, load_adapter
-    from dist_lora.checkpoint.sharded import MANIFEST
-
-    from dist_lora.checkpoint.sharded import read_manifest
-
     adapter = Path(args.adapter)
     sharded = (adapter / MANIFEST).is_file()
     tmp = Path(tempfile.mkdtemp(prefix="dist_lora_verify_"))
@@ -124,7 +109,7 @@ def _verify(args) -> int:
                 load_adapter(model, adapter)  # a Megatron checkpoint: load it as the training job would
             else:
                 import_peft(model, peft_dir)
-            spec = model.dist_lora.spec
+            spec = models.model_info(model).spec
             ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq),
                                 generator=torch.Generator().manual_seed(args.seed))
             ours = models.logits(model, ids)

@@ -43,8 +43,9 @@ def main() -> int:
         save_tiny(args.config, hf_dir, seed=0)
     barrier()
 
-    from dist_lora.testing.tiny import hf_model
     import json
+
+    from dist_lora.testing.tiny import hf_model
 
     reference = hf_model(json.loads(Path(args.config).read_text()), seed=0)
     ids = torch.randint(0, reference.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))

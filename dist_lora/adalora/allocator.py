@@ -30,14 +30,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dist_lora.adalora.config import AdaLoraConfig
 from dist_lora.adalora.layers import adalora_config, dp_group, pp_group, svd_factors
+from dist_lora.config.adalora import AdaLoraConfig
 from dist_lora.parallel.collectives import (
     RankError,
     all_gather_object,
     all_reduce_,
     check_same_on_all_ranks,
     digest,
+    on_every_rank,
     raise_if_any,
 )
 
@@ -206,11 +207,8 @@ def update_and_allocate(model: nn.Module, global_step: int, adapter_name: str = 
             f"step {global_step} is past total_step - tfinal = {final} but no rank_pattern was learned: "
             f"call update_and_allocate at every step (including {final})")
         raise_if_any(error, what="update_and_allocate")
-        try:
+        with on_every_rank("update_and_allocate"):
             _apply_pattern(model, adapter_name, config.rank_pattern)
-        except (KeyError, ValueError) as err:
-            error = err
-        raise_if_any(error, what="update_and_allocate")
         return None
     if global_step < final:
         _update_importance(model, adapter_name, config, state)

@@ -1,6 +1,6 @@
 """``apply_adalora``: wrap the targeted linear layers with AdaLoRA (SVD-form) adapters, in place.
 
-Targets are chosen exactly as for LoRA (:func:`dist_lora.targets.select`); each adapted HF module
+Targets are chosen exactly as for LoRA (:func:`dist_lora.adapters.targets.select`); each adapted HF module
 gets one :class:`~dist_lora.adalora.factors.SVDFactors` of rank ``init_r`` on the same column /
 row parallel wrapper LoRA uses. Megatron's fused ``linear_qkv`` / ``linear_fc1`` must be targeted
 by their HF projection names (``q_proj``, ..., ``up_proj``): PEFT's AdaLoRA has one triplet set per
@@ -10,16 +10,20 @@ Every check runs on every rank before the model is touched.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
-from dist_lora.adalora.config import AdaLoraConfig
 from dist_lora.adalora.factors import SVDFactors
-from dist_lora.apply import _VALID_NAME, _check_matches_somewhere, _ensure_wrapper, default_seed, refresh
-from dist_lora.init_methods import seeded_generator
-from dist_lora.parallel.collectives import check_same_on_all_ranks, raise_if_any
-from dist_lora.registry import registry
-from dist_lora.targets import candidates, select
+from dist_lora.adapters.add import Plan, Step, add
+from dist_lora.adapters.journal import Journal
+from dist_lora.adapters.lora import adapter_dtype, check_target, ensure_wrapper
+from dist_lora.adapters.model import view
+from dist_lora.adapters.registry import existing
+from dist_lora.adapters.targets import select
+from dist_lora.config.adalora import AdaLoraConfig
+from dist_lora.init.seeded import seeded_generator
 
 
 def _initial(config: AdaLoraConfig, shapes: dict, g: torch.Generator) -> dict:
@@ -31,21 +35,33 @@ def _initial(config: AdaLoraConfig, shapes: dict, g: torch.Generator) -> dict:
             "lora_B": torch.randn(shapes["lora_B"], generator=g) * 0.02}
 
 
-def _plan(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> list:
-    if not isinstance(adapter_name, str) or not _VALID_NAME.match(adapter_name):
-        raise ValueError(f"adapter name {adapter_name!r} must be letters, digits, '_' or '-'")
-    reg = registry(model, create=True)
-    if reg.configs:
-        raise ValueError(f"the model already has adapters {sorted(reg.configs)}; AdaLoRA trains exactly one "
+def plan_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str, seed: int) -> Plan:
+    """Validate on this rank (LoRA's target checks plus AdaLoRA's own); one step per projection."""
+    if existing(model):
+        raise ValueError(f"the model already has adapters {sorted(existing(model))}; AdaLoRA trains exactly one "
                          f"adapter (as in PEFT): apply it to a model without adapters")
-    chosen = select(model, config)
-    for c in chosen:
+    pool, plan = view(model).candidates(), Plan()
+    for c in select(model, config):
         if c.kind == "embedding":
             raise ValueError(f"AdaLoRA does not support embedding layers ({c.hf_name}); leave it out of target_modules")
         if c.slot.fused is not None:
             raise ValueError(f"AdaLoRA needs one triplet set per projection: target the Hugging Face names "
                              f"({', '.join(c.slot.hf_names)}) instead of the fused layer {c.names[0]}")
-    return chosen
+        check_target(model, c, config.use_dora, config.lora_bias)
+        plan.targets.append(c.hf_name)
+        plan.steps.append(Step(partial(_add_triplets, model, pool, config, adapter_name, c, seed)))
+    return plan
+
+
+def _add_triplets(model, pool, config: AdaLoraConfig, adapter_name: str, c, seed: int, journal: Journal) -> None:
+    module = ensure_wrapper(model, pool, c.module_path, journal)
+    r, alpha = config.init_r, config.lora_alpha
+    factors = SVDFactors(module.shard, c.slot, r, alpha, config.scaling_for(r, alpha), config.lora_dropout,
+                         adapter_dtype(model, module))
+    g = seeded_generator(seed, adapter_name, c.hf_name, c.slot.key)
+    factors.load_global(_initial(config, factors.global_shapes(module.shard), g), module.shard)
+    factors.hf_name = c.hf_name
+    journal.add_factors(module, adapter_name, c.slot.key, factors)
 
 
 def apply_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default",
@@ -55,33 +71,9 @@ def apply_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "
     Works on any TP / SP / PP / DP layout of a dist_lora Megatron model and on plain ``torch.nn``
     models. Initial tensors are drawn from a generator seeded by ``seed``, the adapter and the
     module, identically on every rank. Train with :func:`dist_lora.adalora.orth_reg_loss` added to
-    the loss and call :func:`dist_lora.update_and_allocate` after each optimizer step.
+    the loss and call :func:`dist_lora.update_and_allocate` after each optimizer step. Collective;
+    a failure on any rank leaves the model as it was on every rank.
     """
     if not isinstance(config, AdaLoraConfig):
         raise TypeError(f"apply_adalora needs an AdaLoraConfig, got {type(config).__name__}")
-    config = config.copy()
-    config.validate()
-    check_same_on_all_ranks((adapter_name, config.to_dict()), what=f"adapter {adapter_name!r} config")
-    error, plan = None, []
-    try:
-        plan = _plan(model, config, adapter_name)
-    except (ValueError, TypeError, KeyError) as err:
-        error = err
-    raise_if_any(error, what=f"adding AdaLoRA adapter {adapter_name!r}")
-    _check_matches_somewhere(model, config, [(c, 0, 0) for c in plan], [])
-    pool, seed = candidates(model), default_seed(model, seed)
-    for c in plan:
-        module = _ensure_wrapper(model, pool, c.module_path)
-        weight = getattr(module.base_layer, "weight", None)
-        dtype = torch.float32 if weight is None or weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        r, alpha = config.init_r, config.lora_alpha
-        factors = SVDFactors(module.shard, c.slot, r, alpha, config.scaling_for(r, alpha), config.lora_dropout, dtype)
-        g = seeded_generator(seed, adapter_name, c.hf_name, c.slot.key)
-        factors.load_global(_initial(config, factors.global_shapes(module.shard), g), module.shard)
-        factors.hf_name = c.hf_name
-        module.add_factors(adapter_name, c.slot.key, factors)
-    reg = registry(model)
-    reg.configs[adapter_name] = config
-    reg.active = [adapter_name]
-    refresh(model)
-    return model
+    return add(model, config, adapter_name, plan_adalora, seed, what="adding AdaLoRA adapter")

@@ -20,15 +20,16 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from dist_lora.adalora.layers import adalora_config
 from dist_lora.checkpoint.atomic import atomic_directory
 from dist_lora.checkpoint.peft_format import CONFIG, WEIGHTS
-from dist_lora.config import LoraConfig
-from dist_lora.parallel.collectives import group_rank, raise_if_any
-from dist_lora.peft_names import PREFIX
-from dist_lora.state import adapter_state_dict
+from dist_lora.checkpoint.peft_names import PREFIX
+from dist_lora.checkpoint.state_dict import adapter_state_dict
+from dist_lora.config.lora import LoraConfig
+from dist_lora.parallel.collectives import group_rank, on_every_rank
 
 FORMATS = ("adalora", "lora")
 
@@ -81,27 +82,19 @@ def _lora_files(config, state: dict) -> tuple[dict, dict]:
 def export_adalora(model: nn.Module, out_dir: str | Path, adapter_name: str = "default", format: str = "adalora",
                    base_model_name_or_path: str | None = None, overwrite: bool = False) -> Path:
     """Write the AdaLoRA adapter as a PEFT ``format`` ("adalora" or "lora") adapter directory."""
-    error = None
-    try:
+    config = None
+    with on_every_rank(f"exporting AdaLoRA adapter {adapter_name!r}"):
         config = adalora_config(model, adapter_name)
         if format not in FORMATS:
             raise ValueError(f"format={format!r}; choose one of {FORMATS}")
-    except ValueError as err:
-        error = err
-    raise_if_any(error, what=f"exporting AdaLoRA adapter {adapter_name!r}")
     state = adapter_state_dict(model, adapter_name)
-    target, error = Path(out_dir), None
-    if group_rank() == 0:
-        try:
+    target = Path(out_dir)
+    with on_every_rank(f"exporting to {target}"):
+        if group_rank() == 0:
             tensors, meta = (_adalora_files if format == "adalora" else _lora_files)(config, state)
             if base_model_name_or_path is not None:
                 meta["base_model_name_or_path"] = base_model_name_or_path
             with atomic_directory(target, overwrite) as tmp:
-                from safetensors.torch import save_file
-
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
                 (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        except (OSError, ValueError) as err:
-            error = err
-    raise_if_any(error, what=f"exporting to {target}")
     return target

@@ -6,10 +6,11 @@ from typing import Iterator
 
 from torch import nn
 
-from dist_lora.adalora.config import AdaLoraConfig
 from dist_lora.adalora.factors import SVDFactors
+from dist_lora.adapters.model import view
+from dist_lora.adapters.registry import adapter_layers, require_adapter
+from dist_lora.config.adalora import AdaLoraConfig
 from dist_lora.layers.adapter_layer import AdapterLayer
-from dist_lora.registry import adapter_layers, require_adapter
 
 
 def adalora_config(model: nn.Module, adapter_name: str) -> AdaLoraConfig:
@@ -30,11 +31,9 @@ def svd_factors(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, Adap
 
 def pp_group(model: nn.Module):
     """The pipeline group when PP > 1, else ``None`` (nothing to exchange)."""
-    info = getattr(model, "dist_lora", None)
-    return info.groups.pp_group if info is not None and info.groups.pp_size > 1 else None
+    return view(model).pp_group
 
 
 def dp_group(model: nn.Module):
     """The data-parallel group when DP > 1, else ``None``."""
-    info = getattr(model, "dist_lora", None)
-    return info.groups.dp_group if info is not None and info.groups.dp_size > 1 else None
+    return view(model).dp_group

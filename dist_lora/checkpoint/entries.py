@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dist_lora.adapters.registry import adapter_layers, registry, saved_modules
 from dist_lora.layers.sharding import FactorLayout
-from dist_lora.registry import adapter_layers, registry, saved_modules
 
 
 @dataclass

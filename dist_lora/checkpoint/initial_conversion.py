@@ -16,8 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from dist_lora.config import LoraConfig
+from dist_lora.config.lora import LoraConfig
 
 
 def doubled_alpha(alpha: float, use_rslora: bool) -> float:
@@ -32,8 +33,6 @@ def subtract_initial(state: dict[str, torch.Tensor], config: LoraConfig, modules
 
     Raises ``ValueError`` when the adapter cannot be converted (DoRA, lora_bias) or the initial
     adapter does not match (missing file, key or shape)."""
-    from safetensors.torch import load_file
-
     if config.use_dora or config.lora_bias:
         raise ValueError("path_initial_model_for_weight_conversion: DoRA magnitudes and lora_bias have no "
                          "plain-LoRA equivalent on the original base; export without the conversion")

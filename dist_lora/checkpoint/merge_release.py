@@ -16,42 +16,13 @@ import shutil
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from dist_lora.checkpoint.atomic import atomic_directory
+from dist_lora.checkpoint.peft_format import read_adapter
+from dist_lora.checkpoint.peft_names import PREFIX, adapter_modules
 from dist_lora.checkpoint.stream_writer import StreamWriter
-from dist_lora.config import LoraConfig
 from dist_lora.models.hf_checkpoint import INDEX, SIDE_FILES, SINGLE, HFCheckpoint
-from dist_lora.peft_names import PREFIX
-from dist_lora.targets import pattern_value
-
-def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """Config and PEFT-keyed tensors of a PEFT directory or a dist_lora sharded checkpoint."""
-    from dist_lora.checkpoint.peft_format import checkpoint_tensors, read_peft
-    from dist_lora.checkpoint.sharded import MANIFEST
-
-    path = Path(path)
-    if (path / MANIFEST).is_file():
-        config, _, tensors = checkpoint_tensors(path)
-        return LoraConfig.from_dict(config), dict(tensors)
-    return read_peft(path)
-
-
-def adapter_modules(config: LoraConfig, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """HF module name -> its adapter tensors (by role) and scaling."""
-    roles = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "lora_bias",
-             "lora_magnitude_vector": "m", "lora_embedding_A": "emb_A", "lora_embedding_B": "emb_B"}
-    out: dict[str, dict] = {}
-    for key, tensor in tensors.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        for suffix, role in roles.items():
-            if name.endswith("." + suffix):
-                out.setdefault(name[: -len(suffix) - 1], {})[role] = tensor
-                break
-    for module, parts in out.items():
-        r = (parts.get("A") if "A" in parts else parts["emb_A"]).shape[0]
-        alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
-        parts["scaling"] = config.scaling_for(r, alpha)
-    return out
 
 
 def _replacements(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,8 +60,6 @@ def merged_tensor(name: str, weight: torch.Tensor, modules: dict, replace: dict)
 def merge_release(base_dir: str | Path, adapter: str | Path, out_dir: str | Path,
                   max_shard_size: int = 5 * 1024**3, overwrite: bool = False, progress: bool = True) -> Path:
     """Write ``base_dir`` with ``adapter`` merged into ``out_dir``; returns ``out_dir``."""
-    from tqdm import tqdm
-
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     config, tensors = read_adapter(adapter)
     base_config = json.loads((base_dir / "config.json").read_text())

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from dist_lora.checkpoint.atomic import atomic_directory
 from dist_lora.checkpoint.reshard import padded_extent
 from dist_lora.checkpoint.sharded import MANIFEST, ShardReader, read_manifest, sha256_of
+from dist_lora.models.spec import spec_from_config
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -41,8 +42,6 @@ def reshard_checkpoint(src: str | Path, dst: str | Path, tp: int, pp: int, overw
     if model_config is None and (tp, pp) != (1, 1):
         raise ValueError(f"{src} was saved from a plain (unsharded) model; it has no TP / PP layout to change")
     if model_config is not None:
-        from dist_lora.models.spec import spec_from_config
-
         spec_from_config(model_config).check_layout(tp, pp)
     layers = model_config["num_hidden_layers"] if model_config else 1
     reader = ShardReader(src, manifest)

@@ -19,14 +19,21 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from dist_lora.adapters.lora import add_adapter
+from dist_lora.adapters.registry import require_adapter
 from dist_lora.checkpoint.atomic import atomic_directory
-from dist_lora.checkpoint.entries import is_training_state
-from dist_lora.checkpoint.sharded import ShardReader, read_manifest
+from dist_lora.checkpoint.entries import entries, is_training_state
+from dist_lora.checkpoint.fuse import fuse_projections
+from dist_lora.checkpoint.initial_conversion import subtract_initial
+from dist_lora.checkpoint.peft_names import PREFIX, bias_key, peft_key, split_fused
+from dist_lora.checkpoint.sharded import MANIFEST, ShardReader, read_manifest
+from dist_lora.checkpoint.state_dict import adapter_state_dict, set_adapter_state_dict
 from dist_lora.checkpoint.stream_writer import StreamWriter
-from dist_lora.config import LoraConfig
-from dist_lora.parallel.collectives import group_rank, raise_if_any
-from dist_lora.peft_names import PREFIX, bias_key, peft_key, split_fused
+from dist_lora.config.lora import LoraConfig
+from dist_lora.models.spec import spec_from_config
+from dist_lora.parallel.collectives import all_gather_object, group_rank, on_every_rank
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -73,11 +80,6 @@ def export_peft(model_or_path, out_dir: str | Path, adapter_name: str = "default
 
 def _export_model(model, out_dir: Path, adapter_name: str, base: str | None, overwrite: bool,
                   initial: str | Path | None = None) -> Path:
-    from dist_lora.checkpoint.entries import entries
-    from dist_lora.parallel.collectives import all_gather_object
-    from dist_lora.registry import require_adapter
-    from dist_lora.state import adapter_state_dict
-
     config = require_adapter(model, adapter_name)
     state = adapter_state_dict(model, adapter_name)
     ranks = {hf: (e.shape[0], e.alpha) for e in entries(model, adapter_name) if e.role == "lora_A"
@@ -87,21 +89,13 @@ def _export_model(model, out_dir: Path, adapter_name: str, base: str | None, ove
         merged.update(part)
     saved = sorted({k[len(PREFIX):-len(".weight")] for k in state if _is_saved_module(k)})
     target = _out_dir(out_dir, adapter_name)
-    error = None
-    if group_rank() == 0:
-        try:
+    with on_every_rank(f"exporting to {target}"):
+        if group_rank() == 0:
             if initial is not None:
-                from dist_lora.checkpoint.initial_conversion import subtract_initial
-
                 state, config, merged = subtract_initial(state, config, merged, initial)
             with atomic_directory(target, overwrite) as tmp:
-                from safetensors.torch import save_file
-
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
                 (tmp / CONFIG).write_text(json.dumps(_peft_config(config, merged, saved, base), indent=2, sort_keys=True))
-        except (OSError, ValueError) as err:
-            error = err
-    raise_if_any(error, what=f"exporting to {target}")
     return target
 
 
@@ -111,8 +105,6 @@ def _is_saved_module(key: str) -> bool:
 
 def _checkpoint_plan(manifest: dict, config: LoraConfig):
     """(plan, ranks, saved): every PEFT tensor of a sharded checkpoint, from the manifest alone."""
-    from dist_lora.models.spec import spec_from_config
-
     spec = spec_from_config(manifest["model_config"]) if manifest["model_config"] else None
     plan, ranks, saved = [], {}, []
     for key, meta in manifest["tensors"].items():
@@ -207,6 +199,15 @@ def read_peft(peft_dir: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]
     return config, tensors
 
 
+def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Config and PEFT-keyed tensors of a PEFT directory or a dist_lora sharded checkpoint."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        config, _, tensors = checkpoint_tensors(path)
+        return LoraConfig.from_dict(config), dict(tensors)
+    return read_peft(path)
+
+
 def import_peft(model, peft_dir: str | Path, adapter_name: str = "default", fused: bool = False) -> None:
     """Load a PEFT LoRA / DoRA adapter onto ``model`` (any TP / PP layout).
 
@@ -217,95 +218,11 @@ def import_peft(model, peft_dir: str | Path, adapter_name: str = "default", fuse
     types, modules this model lacks and shape mismatches raise on every rank; ignored config
     fields give a warning.
     """
-    from dist_lora.apply import add_adapter
-    from dist_lora.state import set_adapter_state_dict
-
-    config, tensors, error = None, None, None
-    try:
+    config, tensors = None, None
+    with on_every_rank(f"importing {peft_dir}"):
         config, tensors = read_peft(peft_dir)
         if fused:
             config, tensors = fuse_projections(model, config, tensors)
-    except (OSError, ValueError) as err:
-        error = err
-    raise_if_any(error, what=f"importing {peft_dir}")
     config.init_lora_weights = True  # the file holds every tensor; the init is overwritten
     add_adapter(model, config, adapter_name)
     set_adapter_state_dict(model, tensors, adapter_name)
-
-
-def fuse_projections(model, config: LoraConfig, tensors: dict) -> tuple[LoraConfig, dict]:
-    """Per-projection PEFT adapters -> one exact adapter per fused Megatron layer (see import_peft)."""
-    from dist_lora.checkpoint.merge_release import adapter_modules
-    from dist_lora.checkpoint.peft_to_sharded import hf_module_table
-
-    modules = adapter_modules(config, tensors)
-    fused_layers: dict[str, list[str]] = {}  # every fused layer of the model, on every stage alike
-    for hf, (megatron, _, fused) in hf_module_table(model.dist_lora.spec).items():
-        if fused:
-            fused_layers.setdefault(megatron, []).append(hf)
-    rank_pattern, alpha_pattern, targets, out = {}, {}, [], {}
-    consumed = set()
-    for megatron, names in fused_layers.items():
-        present = [n for n in names if n in modules]
-        if not present:
-            continue
-        if any("m" in modules[n] for n in present) and len(present) != len(names):
-            raise ValueError(f"a fused DoRA adapter on {megatron} needs all of {names}; import per projection")
-        if any("emb_A" in modules[n] for n in present):
-            raise ValueError(f"{megatron}: embedding adapters cannot be fused")
-        total = sum(modules[n]["A"].shape[0] for n in present)
-        a = torch.cat([modules[n]["A"] for n in present])
-        offset = 0
-        blocks = {}
-        for n in names:
-            rows = _rows_of(n, modules, model)
-            block = torch.zeros(rows, total, dtype=a.dtype)
-            if n in modules:
-                r = modules[n]["A"].shape[0]
-                block[:, offset:offset + r] = modules[n]["B"] * modules[n]["scaling"]
-                offset += r
-            blocks[n] = block
-        for n in names:
-            out[peft_key(n, "linear", "lora_A")] = a
-            out[peft_key(n, "linear", "lora_B")] = blocks[n]
-            for role, fill in (("lora_bias", "lora_bias"), ("lora_magnitude_vector", "m")):
-                if any(fill in modules[p] for p in present):
-                    value = modules[n].get(fill) if n in modules else None
-                    if role == "lora_bias":
-                        value = (value * modules[n]["scaling"]) if value is not None else torch.zeros(blocks[n].shape[0])
-                    out[peft_key(n, "linear", role)] = value
-        consumed.update(present)
-        targets.append(megatron)
-        rank_pattern[megatron] = total
-        alpha_pattern[megatron] = total  # scaling 1: each block carries its own
-    for n, parts in modules.items():
-        if n in consumed:
-            continue
-        kind = "embedding" if "emb_A" in parts else "linear"
-        r = (parts["A"] if kind == "linear" else parts["emb_A"]).shape[0]
-        targets.append(n)
-        rank_pattern[n] = r
-        alpha_pattern[n] = parts["scaling"] * r  # the same scaling without rsLoRA
-        for role, key in (("lora_A", "A"), ("lora_B", "B"), ("lora_bias", "lora_bias"),
-                          ("lora_magnitude_vector", "m"), ("lora_A", "emb_A"), ("lora_B", "emb_B")):
-            if key in parts:
-                out[peft_key(n, kind, role)] = parts[key]
-    saved = {k: v for k, v in tensors.items() if not any(s in k for s in (".lora_",))}
-    out.update(saved)
-    fused_config = config.copy()
-    fused_config.target_modules = sorted(targets)
-    fused_config.use_rslora = False
-    fused_config.rank_pattern, fused_config.alpha_pattern = rank_pattern, alpha_pattern
-    fused_config.layers_to_transform = fused_config.layers_pattern = fused_config.exclude_modules = None
-    fused_config.validate()
-    return fused_config, out
-
-
-def _rows_of(name: str, modules: dict, model) -> int:
-    """Output rows of HF projection ``name`` (from its adapter, or from the model's shapes)."""
-    if name in modules:
-        return modules[name]["B"].shape[0]
-    spec = model.dist_lora.spec
-    leaf = name.rsplit(".", 1)[1]
-    return {"q_proj": spec.num_heads * spec.head_dim, "k_proj": spec.num_kv_heads * spec.head_dim,
-            "v_proj": spec.num_kv_heads * spec.head_dim}.get(leaf, spec.ffn_hidden_size)

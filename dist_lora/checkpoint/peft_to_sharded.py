@@ -16,30 +16,16 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from dist_lora.checkpoint.merge_release import read_adapter
+from dist_lora.adapters.targets import pattern_value
 from dist_lora.checkpoint.offline_reshard import reshard_checkpoint
+from dist_lora.checkpoint.peft_format import read_adapter
+from dist_lora.checkpoint.peft_names import PREFIX, hf_module_table
 from dist_lora.checkpoint.sharded import FORMAT, MANIFEST, sha256_of
 from dist_lora.models.spec import read_spec
-from dist_lora.peft_names import PREFIX
-from dist_lora.targets import pattern_value
 
 _ROLES = {"lora_A.weight": ("lora_A", "linear"), "lora_B.weight": ("lora_B", "linear"),
           "lora_B.bias": ("lora_bias", "linear"), "lora_magnitude_vector": ("lora_magnitude_vector", "linear"),
           "lora_embedding_A": ("lora_A", "embedding"), "lora_embedding_B": ("lora_B", "embedding")}
-
-
-def hf_module_table(spec) -> dict[str, tuple[str, str, bool]]:
-    """HF module name -> (Megatron module name with global layer index, layout, in a fused layer)."""
-    table = {"lm_head": ("output_layer", "vocab", False)}
-    for entry in spec.family.weights:
-        if not entry.megatron.endswith(".weight") or entry.layout == "replicated" or entry.when == "tied":
-            continue
-        for layer in range(spec.num_layers) if entry.per_layer else [None]:
-            megatron = entry.megatron[: -len(".weight")].format(layer=layer)
-            for hf in entry.hf:
-                table[hf[: -len(".weight")].format(layer=layer)] = (megatron, entry.layout,
-                                                                    entry.layout in ("qkv", "glu"))
-    return table
 
 
 def _split_dim(role: str, kind: str, layout: str) -> tuple[int | None, bool]:

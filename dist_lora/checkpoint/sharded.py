@@ -26,25 +26,23 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dist_lora.adapters.model import view
+from dist_lora.adapters.registry import existing, require_adapter
 from dist_lora.checkpoint.atomic import check_target, publish, recover, temporary_sibling
 from dist_lora.checkpoint.entries import Entry, entries, is_training_state
+from dist_lora.checkpoint.methods import add_from_config, config_from_dict
 from dist_lora.checkpoint.reshard import overlaps, padded_extent, pieces
-from dist_lora.config import LoraConfig
-from dist_lora.methods import adder, config_from_dict
-from dist_lora.parallel.collectives import all_gather_object, broadcast_object, group_rank, raise_if_any
-from dist_lora.registry import registry, require_adapter
+from dist_lora.config.lora import LoraConfig
+from dist_lora.models.spec import spec_from_config
+from dist_lora.parallel.collectives import (
+    all_gather_object,
+    broadcast_object,
+    group_rank,
+    on_every_rank,
+)
 
 FORMAT = "dist_lora.adapter_checkpoint/1"
 MANIFEST = "manifest.json"
-
-
-def _layout(model) -> dict:
-    info = getattr(model, "dist_lora", None)
-    if info is None:
-        return {"tp": 1, "pp": 1, "tp_rank": 0, "pp_rank": 0, "dp_rank": 0, "model_config": None}
-    g = info.groups
-    return {"tp": g.tp_size, "pp": g.pp_size, "tp_rank": g.tp_rank, "pp_rank": g.pp_rank, "dp_rank": g.dp_rank,
-            "model_config": info.spec.hf_config}
 
 
 def sha256_of(path: Path) -> str:
@@ -78,21 +76,17 @@ def write_sharded(model, path: str | Path, adapter_name: str, mine: list[Entry],
     """
     path = Path(path)
     config = require_adapter(model, adapter_name)
-    lay = _layout(model)
-    error = None
-    if group_rank() == 0:
-        try:
+    lay = view(model).layout()
+    with on_every_rank(f"saving to {path}"):
+        if group_rank() == 0:
             check_target(path, overwrite)
-        except FileExistsError as err:
-            error = err
-    raise_if_any(error, what=f"saving to {path}")
     tmp = Path(broadcast_object(str(temporary_sibling(path)) if group_rank() == 0 else None))
     try:
         writer = lay["dp_rank"] == 0
         stored = [e for e in mine if writer and (e.layout.dim is not None or lay["tp_rank"] == 0)]
         file = f"adapter-tp{lay['tp_rank']:02d}-pp{lay['pp_rank']:02d}.safetensors"
-        error, digests = None, {}
-        try:
+        digests = {}
+        with on_every_rank(f"saving to {path}"):
             if stored:
                 save_file({e.key: e.param.detach().contiguous() for e in stored}, str(tmp / file),
                           metadata={"format": "pt"})
@@ -100,17 +94,11 @@ def write_sharded(model, path: str | Path, adapter_name: str, mine: list[Entry],
             for name, tensors in (rank_files or {}).items():
                 save_file(tensors, str(tmp / name), metadata={"format": "pt"})
                 digests[name] = sha256_of(tmp / name)
-        except OSError as err:
-            error = err
-        raise_if_any(error, what=f"saving to {path}")
         parts = all_gather_object((file, lay["tp_rank"], digests, [(e.key, e.describe()) for e in stored]))
-        if group_rank() == 0:
-            try:
+        with on_every_rank(f"saving to {path}"):
+            if group_rank() == 0:
                 _write_manifest(tmp, parts, config, adapter_name, lay, extra or {})
                 publish(tmp, path)
-            except OSError as err:
-                error = err
-        raise_if_any(error, what=f"saving to {path}")
     finally:
         if group_rank() == 0 and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -227,25 +215,19 @@ def load_adapter(model, path: str | Path, adapter_name: str = "default") -> None
     model's adapter weights and config unchanged.
     """
     path = Path(path)
-    manifest, error, current = None, None, registry(model, create=True).configs.get(adapter_name)
-    try:
+    manifest, current = None, existing(model).get(adapter_name)
+    with on_every_rank(f"loading adapter from {path}"):
         manifest = read_manifest(path)
         config = config_from_dict(manifest["adapter_config"])
         _check_same_model(model, manifest, path)
         if current is not None:
             current.check_loadable(config)
-    except (OSError, ValueError, KeyError) as err:
-        error = err
-    raise_if_any(error, what=f"loading adapter from {path}")
     if current is None:
-        adder(config)(model, config, adapter_name)
+        add_from_config(model, config, adapter_name)
     mine, reader, staged = entries(model, adapter_name), ShardReader(path, manifest), []
-    try:
+    with on_every_rank(f"loading adapter from {path}"):
         for e in mine:
             staged.append((e, _load_entry(e, manifest, reader)))
-    except (OSError, ValueError, KeyError, SafetensorError) as err:
-        error = err
-    raise_if_any(error, what=f"loading adapter from {path}")
     with torch.no_grad():
         for e, tensor in staged:
             e.param.copy_(tensor)
@@ -265,18 +247,16 @@ _MODEL_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_
 
 def _check_same_model(model, manifest: dict, path: Path) -> None:
     """A checkpoint's source model must have this model's shapes (not just matching names)."""
-    info = getattr(model, "dist_lora", None)
-    if (info is None) != (not manifest.get("model_config")):
-        saved = "a plain torch model" if info is not None else "a Megatron model"
+    spec = view(model).spec
+    if (spec is None) != (not manifest.get("model_config")):
+        saved = "a plain torch model" if spec is not None else "a Megatron model"
         raise ValueError(f"{path} was saved from {saved}, whose module names differ from this model's; "
                          f"export it with `dist-lora convert` and load it with import_peft")
-    if info is None:
+    if spec is None:
         return
-    from dist_lora.models.spec import spec_from_config
-
     saved = spec_from_config(manifest["model_config"])
-    differ = [f"{f}: {getattr(saved, f)!r} vs {getattr(info.spec, f)!r}" for f in _MODEL_FIELDS
-              if getattr(saved, f) != getattr(info.spec, f)]
+    differ = [f"{f}: {getattr(saved, f)!r} vs {getattr(spec, f)!r}" for f in _MODEL_FIELDS
+              if getattr(saved, f) != getattr(spec, f)]
     if differ:
         raise ValueError(f"{path} was saved from another model (checkpoint vs this model: {'; '.join(differ)})")
 

@@ -3,7 +3,7 @@
 Optimizer state tensors shaped like their parameter (AdamW's ``exp_avg`` / ``exp_avg_sq``) are
 stored and resharded exactly like the parameter (key ``<param key>.optim.<name>``); scalar
 state (``step``) is stored replicated. An adapter method with training state of its own
-(:func:`dist_lora.methods.training_state_module`; AdaLoRA's allocator EMAs) hands it over in the
+(:func:`dist_lora.checkpoint.methods.training_state_module`; AdaLoRA's allocator EMAs) hands it over in the
 same form, ``{param: {name: tensor}}``, stored as ``<param key>.<namespace>.<name>`` and given
 back to the method's ``restore_state`` on load. Every rank also writes its RNG states (CPU
 generator and Megatron's tracker) to ``rng-rank<R>.safetensors``; they are restored when the
@@ -20,23 +20,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from dist_lora.adapters.registry import existing, require_adapter
 from dist_lora.checkpoint.entries import entries
+from dist_lora.checkpoint.methods import config_from_dict, training_state_module
 from dist_lora.checkpoint.sharded import ShardReader, load_adapter, read_manifest, write_sharded
+from dist_lora.integrations.megatron import get_cuda_rng_tracker
 from dist_lora.layers.sharding import FactorLayout
-from dist_lora.methods import config_from_dict, training_state_module
-from dist_lora.parallel.collectives import group_rank, group_size, raise_if_any
-from dist_lora.registry import registry, require_adapter
+from dist_lora.parallel.collectives import group_rank, group_size, on_every_rank
 
 
 def _rng_states() -> dict[str, torch.Tensor]:
     states = {"cpu": torch.get_rng_state()}
-    try:
-        from megatron.core.tensor_parallel import random as mpu_random
-
-        tracker = mpu_random.get_cuda_rng_tracker()
-        states.update({f"tracker.{name}": state for name, state in tracker.get_states().items()})
-    except ImportError:
-        pass
+    states.update({f"tracker.{name}": state for name, state in get_cuda_rng_tracker().get_states().items()})
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state()
     return states
@@ -48,9 +43,7 @@ def _set_rng_states(states: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(states["cuda"])
     tracked = {k[len("tracker."):]: v for k, v in states.items() if k.startswith("tracker.")}
     if tracked:
-        from megatron.core.tensor_parallel import random as mpu_random
-
-        mpu_random.get_cuda_rng_tracker().set_states(tracked)
+        get_cuda_rng_tracker().set_states(tracked)
 
 
 def _state_entries(model, adapter_name: str, states, namespace: str):
@@ -113,32 +106,26 @@ def load_training_state(model, optimizer: torch.optim.Optimizer, path: str | Pat
     rank before the model is changed.
     """
     path = Path(path)
-    training, error, method = None, None, None
-    try:
+    training, manifest = None, None
+    with on_every_rank(f"loading training state from {path}"):
         manifest = read_manifest(path)
         training = manifest.get("training")
         if training is None:
             raise ValueError(f"{path} holds an adapter but no training state (saved with save_adapter?)")
         if training["optimizer"] != type(optimizer).__name__:
             raise ValueError(f"{path} holds {training['optimizer']} state, not {type(optimizer).__name__}")
-        config = registry(model, create=True).configs.get(adapter_name)  # None: load_adapter creates it
+        config = existing(model).get(adapter_name)  # None: load_adapter creates it
         method = None if config is None else training_state_module(config)
         if method is not None:
             method.check_resumable(config, config_from_dict(manifest["adapter_config"]))
-    except (OSError, ValueError, KeyError) as err:
-        error = err
-    raise_if_any(error, what=f"loading training state from {path}")
     load_adapter(model, path, adapter_name)
     method = training_state_module(require_adapter(model, adapter_name))
     staged, own = {}, {}
-    try:
+    with on_every_rank(f"loading training state from {path}"):
         reader = ShardReader(path, manifest)
         staged = _read_states(model, adapter_name, manifest, reader, "optim")
         if method is not None:
             own = _read_states(model, adapter_name, manifest, reader, method.NAMESPACE)
-    except (OSError, ValueError, KeyError) as err:
-        error = err
-    raise_if_any(error, what=f"loading training state from {path}")
     if method is not None:
         method.restore_state(model, adapter_name, own)
     for param, states in staged.items():

@@ -1,5 +1,3 @@
-"""Combining adapters into a new one (PEFT's ``add_weighted_adapter``), on sharded models."""
-
-from dist_lora.combine.weighted import add_weighted_adapter
-
-__all__ = ["add_weighted_adapter"]
+"""Combining adapters into a new one (PEFT's ``add_weighted_adapter``), on sharded models:
+argument checks and plan (``checks``), task-arithmetic merges on shards (``task_arithmetic``),
+distributed order statistics (``order_stats``), the combination itself (``weighted``)."""

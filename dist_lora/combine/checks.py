@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from dist_lora.adapters.registry import registry, saved_modules
+from dist_lora.adapters.targets import select
 from dist_lora.combine.task_arithmetic import MERGES
-from dist_lora.config import LoraConfig
+from dist_lora.config.lora import LoraConfig
 from dist_lora.layers.adapter_layer import AdapterLayer
-from dist_lora.registry import registry, saved_modules
-from dist_lora.targets import select
 
 SVD_TYPES = ("svd",) + tuple(f"{m}_svd" for m in MERGES if m != "linear")
 COMBINATION_TYPES = ("cat",) + tuple(MERGES) + SVD_TYPES

@@ -1,6 +1,6 @@
 """``add_weighted_adapter``: a new adapter combined from existing ones, computed on the shards.
 
-Semantics are PEFT's ``LoraModel.add_weighted_adapter`` (see ``shared/seeds``), slot by slot
+Semantics are PEFT's ``LoraModel.add_weighted_adapter`` (its LoRA reference), slot by slot
 (a slot is one PEFT module: a layer, or one projection of a fused Megatron layer):
 
 * ``cat``: ``A = [w_1 s_1 A_1; ...]``, ``B = [B_1, ...]``; rank = sum of the ranks.
@@ -14,7 +14,7 @@ Semantics are PEFT's ``LoraModel.add_weighted_adapter`` (see ``shared/seeds``), 
 
 Sharding: A and B keep their layouts (column layers: A replicated, B split on rows; row layers
 and embeddings: A split on columns, B replicated). Delta weights stay local shards
-(``B_i A`` or ``B A_i``); their SVD is :func:`dist_lora.linalg.svd` (one all-reduced Gram
+(``B_i A`` or ``B A_i``); their SVD is :func:`dist_lora.parallel.linalg.svd` (one all-reduced Gram
 matrix), so ``U S`` comes out split like B and ``Vh`` like A. Magnitude pruning and the clamp
 quantile are exact distributed order statistics; DARE masks are drawn globally from a generator
 seeded by ``seed``, the new adapter's name, the PEFT module name, the tensor and the source
@@ -32,19 +32,21 @@ It is a normal adapter: inactive until ``set_adapter``, trainable, exportable, m
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
 
-from dist_lora import linalg
-from dist_lora.apply import add_adapter, default_seed
+from dist_lora.adapters.add import Step, add
+from dist_lora.adapters.journal import Journal
+from dist_lora.adapters.lora import plan_lora
 from dist_lora.combine.checks import plan_combination
 from dist_lora.combine.order_stats import quantile, real_part
 from dist_lora.combine.task_arithmetic import Placement, merge
 from dist_lora.layers.adapter_layer import AdapterLayer
 from dist_lora.layers.factors import LoraFactors
-from dist_lora.management import delete_adapter
 from dist_lora.parallel import collectives as C
+from dist_lora.parallel import linalg
 
 
 def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str,
@@ -58,37 +60,39 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     (as PEFT). ``seed`` (default: the seed given to ``parallel.initialize``) seeds DARE masks."""
     C.check_same_on_all_ranks((adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
                                majority_sign_method, seed), what="add_weighted_adapter arguments")
-    error, plan = None, None
-    try:
+    plan = None
+    with C.on_every_rank(f"add_weighted_adapter {adapter_name!r}"):
         plan = plan_combination(model, list(adapters) if isinstance(adapters, (list, tuple)) else adapters,
                                 weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
                                 majority_sign_method)
-    except (ValueError, TypeError, KeyError) as err:
-        error = err
-    C.raise_if_any(error, what=f"add_weighted_adapter {adapter_name!r}")
-    add_adapter(model, plan.config, adapter_name)
-    try:
-        _fill(model, plan, adapter_name, default_seed(model, seed), density, majority_sign_method, svd_clamp)
-    except Exception:
-        delete_adapter(model, adapter_name)
-        raise
-    return model
+
+    def planner(model, config, name, job_seed):
+        """LoRA's plan of the new (zero) adapter, then one step per slot that fills it in."""
+        lora = plan_lora(model, config, name, job_seed)
+        mask_seed = seed if seed is not None else job_seed
+        lora.steps += [Step(partial(_fill, layer, slot_key, sources, plan, mask_seed, name, density,
+                                    majority_sign_method, svd_clamp), layer.shard.tp_group)
+                       for layer, slot_key, sources in plan.slots]
+        return lora
+
+    return add(model, plan.config, adapter_name, planner, what="add_weighted_adapter")
 
 
 @torch.no_grad()
-def _fill(model, plan, adapter_name, seed, density, majority_sign_method, svd_clamp) -> None:
-    for layer, slot_key, sources in plan.slots:
-        target = layer.factors_of(adapter_name)[slot_key]
-        if plan.combination_type == "cat":
-            a, b = _cat(sources)
-        elif plan.combination_type.endswith("svd"):
-            a, b = _svd(layer, target, sources, plan, seed, adapter_name, density, majority_sign_method, svd_clamp)
-        else:
-            a, b = _factor_merge(layer, target, sources, plan, seed, adapter_name, density, majority_sign_method)
-        target.lora_A.zero_()
-        target.lora_B.zero_()
-        target.lora_A[: a.shape[0]].copy_(a)
-        target.lora_B[:, : b.shape[1]].copy_(b)
+def _fill(layer, slot_key, sources, plan, seed, adapter_name, density, majority_sign_method, svd_clamp,
+          journal: Journal) -> None:
+    """Set the new adapter's factors on one slot (they were created zero by this call)."""
+    target = layer.factors_of(adapter_name)[slot_key]
+    if plan.combination_type == "cat":
+        a, b = _cat(sources)
+    elif plan.combination_type.endswith("svd"):
+        a, b = _svd(layer, target, sources, plan, seed, adapter_name, density, majority_sign_method, svd_clamp)
+    else:
+        a, b = _factor_merge(layer, target, sources, plan, seed, adapter_name, density, majority_sign_method)
+    target.lora_A.zero_()
+    target.lora_B.zero_()
+    target.lora_A[: a.shape[0]].copy_(a)
+    target.lora_B[:, : b.shape[1]].copy_(b)
 
 
 def _placement(layer: AdapterLayer, factors: LoraFactors, name: str) -> Placement:

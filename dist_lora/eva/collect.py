@@ -16,16 +16,17 @@ from itertools import cycle
 
 import torch
 
-from dist_lora.eva.config import EvaConfig
+from dist_lora.adapters.management import disable_adapter
+from dist_lora.adapters.registry import adapter_layers, require_adapter
+from dist_lora.adapters.targets import pattern_value
+from dist_lora.config.eva import EvaConfig
+from dist_lora.config.lora import LoraConfig
 from dist_lora.eva.hooks import EvaHook, token_groups
 from dist_lora.eva.ranks import layer_order, rank_distribution
 from dist_lora.eva.svd import CommMeter, ShardedIncrementalPCA
-from dist_lora.management import disable_adapter
 from dist_lora.models.forward import logits
 from dist_lora.models.loading import model_info
-from dist_lora.parallel.collectives import all_gather_object, all_reduce_, raise_if_any
-from dist_lora.registry import adapter_layers, require_adapter
-from dist_lora.targets import pattern_value
+from dist_lora.parallel.collectives import all_gather_object, all_reduce_, on_every_rank
 
 RHO_THRESHOLD = 1000  # as PEFT: very large rho is capped by the largest weight dimension
 
@@ -172,12 +173,9 @@ def _run(model, dataloader, eva: EvaConfig, plan: EvaPlan, passes: int, limit: i
         if step >= limit:
             raise RuntimeError(f"EVA did not converge within {limit} batches (tau={eva.tau}); lower tau or raise "
                                f"max_batches")
-        mask, error = None, None
-        try:
+        mask = None
+        with on_every_rank(f"EVA batch {step}"):
             mask = token_mask(batch, eva)
-        except (ValueError, TypeError) as err:
-            error = err
-        raise_if_any(error, what=f"EVA batch {step}")
         _forward(model, batch, mask, plan, seq_multiple)
         ratios = _ratios(plan)
         if ratios is None:
@@ -206,18 +204,13 @@ def get_eva_state_dict(model, dataloader, peft_config=None, adapter_name: str = 
     error instead of looping forever as PEFT does. ``stats`` (a dict) receives ``batches`` and
     ``bytes`` (what this rank sent in EVA's collectives).
     """
-    from dist_lora.config import LoraConfig
-
     config = peft_config if isinstance(peft_config, LoraConfig) else require_adapter(model, adapter_name)
     eva = config.eva_config or EvaConfig()
     groups = model_info(model).groups
-    plan, error = None, None
-    try:
+    plan = length = None
+    with on_every_rank("EVA"):
         length = _check_dataloader(dataloader, groups)
         plan = _plan(model, config, eva, adapter_name, sketch_rank)
-    except (ValueError, TypeError) as err:
-        error = err
-    raise_if_any(error, what="EVA")
     try:
         with disable_adapter(model):
             rank_dist, batches = _run(model, dataloader, eva, plan, length, max_batches or 100 * length)

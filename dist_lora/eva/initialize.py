@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import torch
 
+from dist_lora.adapters.model import view
+from dist_lora.adapters.registry import registry, require_adapter
+from dist_lora.adapters.targets import pattern_value
+from dist_lora.adapters.trainable import refresh
 from dist_lora.eva.collect import eva_slots, get_eva_state_dict
 from dist_lora.layers.dora import row_norm
 from dist_lora.layers.factors import LoraFactors
-from dist_lora.parallel.collectives import all_gather_object, raise_if_any
-from dist_lora.registry import registry, require_adapter
-from dist_lora.targets import candidates, pattern_value
+from dist_lora.parallel.collectives import all_gather_object, on_every_rank
 
 MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20  # PEFT condenses longer target lists to suffixes
 
@@ -111,10 +113,8 @@ def initialize_lora_eva_weights(model, dataloader=None, eva_state_dict: dict | N
     ``kwargs``) or ``eva_state_dict`` (HF module name -> [new_r, in] global or this rank's
     shard, e.g. PEFT's) is needed. Every check runs, on every rank, before the model changes.
     """
-    from dist_lora.apply import refresh
-
-    error = None
-    try:
+    config = None
+    with on_every_rank("EVA initialisation"):
         config = require_adapter(model, adapter_name)
         if config.init_lora_weights != "eva":
             raise ValueError(f"adapter {adapter_name!r} has init_lora_weights={config.init_lora_weights!r}; "
@@ -124,20 +124,14 @@ def initialize_lora_eva_weights(model, dataloader=None, eva_state_dict: dict | N
                              "set_adapter to one first")
         if eva_state_dict is None and dataloader is None:
             raise ValueError("give a dataloader or an eva_state_dict")
-    except ValueError as err:
-        error = err
-    raise_if_any(error, what="EVA initialisation")
     if eva_state_dict is None:
         eva_state_dict = get_eva_state_dict(model, dataloader, adapter_name=adapter_name, **kwargs)
     updates = None
-    try:
+    with on_every_rank("EVA initialisation"):
         updates = _plan_updates(model, config, {k.removeprefix("base_model.model."): v
                                                 for k, v in eva_state_dict.items()}, adapter_name)
-    except (ValueError, KeyError) as err:
-        error = err
-    raise_if_any(error, what="EVA initialisation")
     kept, ranks, alphas = _apply(model, config, updates, adapter_name)
-    names = {c.hf_name for c in candidates(model) if c.slot.fused is None}
+    names = {c.hf_name for c in view(model).candidates() if c.slot.fused is None}
     others = set()
     for part in all_gather_object((kept, ranks, alphas, names)):
         kept += [n for n in part[0] if n not in kept]

@@ -1,11 +1,7 @@
-"""Weight-driven initialisation (PiSSA, OLoRA, LoftQ) computed on the *global* weight from
-local shards with small collectives over the TP group; no rank ever holds the full weight.
+"""Initialisation of LoRA factors, seeded or weight-driven, behind one table (``methods``).
 
-Each method module exposes ``factors(weight, r, scaling, niter, generator, config)`` returning
-this rank's ``lora_A``, ``lora_B`` and new base-weight shard; :mod:`dist_lora.init.weight`
-reads the shard, dispatches through :data:`dist_lora.init_methods.WEIGHT_METHODS` and writes.
+Seeded (``seeded``): A / B drawn from a generator equal on every rank. Weight-driven (PiSSA,
+OLoRA, LoftQ; one file each): computed on the *global* weight from local shards with small
+collectives over the TP group, no rank ever holding the full weight; ``weight`` reads a slot's
+shard, runs the method and writes A, B and the new base rows.
 """
-
-from dist_lora.init.weight import ShardedWeight, check_weight_init, initialise_from_weight
-
-__all__ = ["ShardedWeight", "check_weight_init", "initialise_from_weight"]

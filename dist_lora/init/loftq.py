@@ -8,7 +8,7 @@ Result: ``A = R``, ``B = L`` (PEFT does not divide by ``scaling`` here) and base
 
 Sharded: the nf4 blocks run along rows, so quantising each TP shard gives exactly the global
 blocks when the local row length is a multiple of 64 (:mod:`dist_lora.integrations.bitsandbytes`);
-the SVD is :func:`dist_lora.linalg.svd` of the sharded residual. Only 4 bits: PEFT's 8-bit path
+the SVD is :func:`dist_lora.parallel.linalg.svd` of the sharded residual. Only 4 bits: PEFT's 8-bit path
 scales each row by its absmax, which a row-parallel shard does not see whole.
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from dist_lora import linalg
 from dist_lora.integrations import bitsandbytes as bnb
+from dist_lora.parallel import linalg
 
 BLOCKSIZE = 64  # bitsandbytes Params4bit's default, which PEFT's loftq_init uses
 

@@ -3,7 +3,7 @@
 PEFT's ``olora_init`` on the global ``W`` [m, n] (float32): ``Q, R = qr(W)``, ``B = Q[:, :r]``
 [m, r], ``A = R[:r]`` [r, n], base ``W - scaling B A``. ``Q[:, :r]`` is the QR of the first
 ``r`` columns of ``W`` and ``R[:r] = Q[:, :r]ᵀ W``, which is what
-:func:`dist_lora.linalg.leading_columns_qr` computes from the shards (``B`` row-sharded and
+:func:`dist_lora.parallel.linalg.leading_columns_qr` computes from the shards (``B`` row-sharded and
 ``A`` replicated for a column-parallel layer; ``A`` column-sharded and ``B`` replicated for a
 row-parallel one). Column signs follow a positive diagonal of R (LAPACK's may be negative;
 ``B A`` is the same).
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from dist_lora import linalg
+from dist_lora.parallel import linalg
 
 
 def factors(weight, r: int, scaling: float, niter: int | None, generator: torch.Generator, config):

@@ -4,7 +4,7 @@ PEFT's ``pissa_init`` on the global ``W`` [m, n] (float32): ``W ≈ U_r S_r V_r�
 ``torch.svd_lowrank`` with ``niter`` for ``"pissa_niter_K"``), ``S_r /= scaling``,
 ``A = diag(sqrt S_r) V_rᵀ`` [r, n], ``B = U_r diag(sqrt S_r)`` [m, r], base ``W - scaling B A``.
 
-Here the SVD is :func:`dist_lora.linalg.svd` / :func:`~dist_lora.linalg.svd_lowrank` of the
+Here the SVD is :func:`dist_lora.parallel.linalg.svd` / :func:`~dist_lora.parallel.linalg.svd_lowrank` of the
 sharded ``W``: the factor along the sharded side stays sharded (``U`` rows for a
 column-parallel layer, ``V`` rows for a row-parallel one), so ``B`` / ``A`` come out in their
 adapter layouts. Singular vector signs may differ from LAPACK's (``B A`` does not).
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from dist_lora import linalg
+from dist_lora.parallel import linalg
 
 
 def factors(weight, r: int, scaling: float, niter: int | None, generator: torch.Generator, config):

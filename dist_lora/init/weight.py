@@ -15,13 +15,14 @@ the new base shard (PiSSA / OLoRA: ``W_i - scaling * (B A)_i``; LoftQ: the dequa
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from dist_lora.init_methods import WEIGHT_METHODS, weight_method
+from dist_lora.config.init_names import weight_method
+from dist_lora.init.loftq import check_loftq
+from dist_lora.init.methods import FROM_WEIGHT
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,6 @@ def check_weight_init(config, candidate, shard, r: int) -> None:
         raise ValueError(f"{what}: r={r} exceeds the smaller side of {candidate.hf_name}'s weight "
                          f"[{candidate.slot.out_features}, {shard.in_features}]; lower r")
     if name == "loftq":
-        from dist_lora.init.loftq import check_loftq
-
         local_in = shard.in_features // shard.tp if shard.kind == "row" else shard.in_features
         check_loftq(config, candidate.hf_name, local_in)
 
@@ -74,9 +73,8 @@ def initialise_from_weight(module, factors, slot, config, generator: torch.Gener
     the new base rows. Collective over the layer's TP group (all TP ranks call it in the same
     order)."""
     name, niter = weight_method(config.init_lora_weights)
-    method = importlib.import_module(WEIGHT_METHODS[name])
     weight = _sharded_weight(module, slot)
-    a, b, base = method.factors(weight, factors.r, factors.scaling, niter, generator, config)
+    a, b, base = FROM_WEIGHT[name](weight, factors.r, factors.scaling, niter, generator, config)
     factors.lora_A.copy_(a)
     factors.lora_B.copy_(b)
     module._write_rows(slot, base.to(module.base_weight().dtype))

@@ -32,6 +32,10 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from dist_lora.adapters.registry import wrappers
+from dist_lora.layers.quantized import QuantizedLinear
+from dist_lora.parallel.initialize import current_groups
+
 INSTALL_HINT = "install it with: pip install 'dist-lora[deepspeed]' (deepspeed>=0.15)"
 _SHM_COMM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME
 
@@ -88,15 +92,10 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, config: dict)
     launcher detection."""
     deepspeed = _deepspeed()
     if "LOCAL_RANK" not in os.environ:
-        from dist_lora.parallel import current_groups
-
         try:
             os.environ["LOCAL_RANK"] = str(current_groups().local_rank)
         except RuntimeError:  # the process group was not started by dist_lora: DeepSpeed's own checks apply
             pass
-    from dist_lora.layers.quantized import QuantizedLinear
-    from dist_lora.registry import wrappers
-
     if int(config.get("zero_optimization", {}).get("stage", 0)) == 3:
         for module in model.modules():
             if isinstance(module, QuantizedLinear):

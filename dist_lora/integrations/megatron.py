@@ -21,6 +21,7 @@ with warnings.catch_warnings():
         ColumnParallelLinear,
         RowParallelLinear,
         VocabParallelEmbedding,
+        get_cuda_rng_tracker,
         model_parallel_cuda_manual_seed,
     )
     from megatron.core.transformer import TransformerConfig
@@ -35,6 +36,7 @@ __all__ = [
     "TransformerBlockSubmodules",
     "TransformerConfig",
     "VocabParallelEmbedding",
+    "get_cuda_rng_tracker",
     "get_forward_backward_func",
     "get_gpt_layer_local_spec",
     "model_parallel_cuda_manual_seed",

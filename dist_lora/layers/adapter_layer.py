@@ -13,11 +13,10 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from dist_lora.layers.wrapper import BaseWrapper
-
 from dist_lora.layers.factors import LoraFactors
 from dist_lora.layers.sharding import BaseShard
 from dist_lora.layers.slots import Slot
+from dist_lora.layers.wrapper import BaseWrapper
 
 
 class AdapterLayer(BaseWrapper):

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_lora.layers.wrapper import BaseWrapper
-
 from dist_lora.layers.sharding import BaseShard, FactorLayout
+from dist_lora.layers.wrapper import BaseWrapper
 
 
 class ModulesToSave(BaseWrapper):

@@ -6,7 +6,7 @@ tables (``dist_lora.models.spec``) do not pay for importing megatron-core.
 
 from __future__ import annotations
 
-import importlib
+from dist_lora import lazy_exports
 
 _EXPORTS = {
     "ModelInfo": "dist_lora.models.loading",
@@ -22,7 +22,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'dist_lora.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

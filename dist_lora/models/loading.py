@@ -13,7 +13,7 @@ from dist_lora.models.layouts import read_local
 from dist_lora.models.mapping import bind, check_coverage
 from dist_lora.models.spec import ModelSpec, read_spec
 from dist_lora.parallel import ParallelGroups, current_groups
-from dist_lora.parallel.collectives import raise_if_any
+from dist_lora.parallel.collectives import on_every_rank
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,16 @@ class ModelInfo:
     ddp: object = None  # Megatron-Core DistributedDataParallel reducing DP gradients (use_megatron_ddp)
 
 
-def model_info(model: torch.nn.Module) -> ModelInfo:
+def info_of(model: torch.nn.Module) -> ModelInfo | None:
+    """The model's :class:`ModelInfo`, or ``None`` for a model ``from_pretrained`` did not build
+    (adapter code asks :func:`dist_lora.adapters.model.view` instead)."""
     info = getattr(model, "dist_lora", None)
-    if not isinstance(info, ModelInfo):
+    return info if isinstance(info, ModelInfo) else None
+
+
+def model_info(model: torch.nn.Module) -> ModelInfo:
+    info = info_of(model)
+    if info is None:
         raise TypeError("this model was not built by dist_lora.models.from_pretrained")
     return info
 
@@ -46,19 +53,14 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32,
     """
     groups = groups or current_groups()
     spec = ckpt = None
-    error = None
-    try:
+    with on_every_rank(f"loading {path}"):
         spec = read_spec(path)
         spec.check_layout(groups.tp_size, groups.pp_size)
         ckpt = HFCheckpoint(path)
-    except (OSError, ValueError, KeyError) as err:
-        error = err
-    raise_if_any(error, what=f"loading {path}")
 
     model = build_gpt(spec, groups, dtype)
     params = dict(model.named_parameters())
-    error = None
-    try:
+    with on_every_rank(f"loading {path}"):
         bound = bind(spec, params, groups.pp_rank, groups.pp_size)
         check_coverage(bound, params)
         with torch.no_grad():
@@ -73,9 +75,6 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32,
                         f"match config.json"
                     )
                 target.copy_(shard)
-    except (OSError, ValueError, KeyError) as err:
-        error = err
-    raise_if_any(error, what=f"loading {path}")
     model.dist_lora = ModelInfo(spec, groups, dtype, str(path), ckpt.bytes_read)
     ckpt.close()
     return model

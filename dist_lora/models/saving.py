@@ -26,6 +26,7 @@ from dist_lora.parallel.collectives import (
     barrier,
     broadcast_object,
     gather_to,
+    on_every_rank,
     raise_if_any,
 )
 
@@ -58,12 +59,8 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_size: in
     info = model_info(model)
     groups, spec = info.groups, info.spec
     path = Path(path)
-    error = None
-    try:
+    with on_every_rank(f"saving {path}"):
         check_target(path, overwrite)
-    except FileExistsError as err:
-        error = err
-    raise_if_any(error, what=f"saving {path}")
 
     params = dict(model.named_parameters())
     bound = [b for b in bind(spec, params, groups.pp_rank, groups.pp_size) if b.entry.when != "tied"]

@@ -14,7 +14,12 @@ import dataclasses
 
 import torch
 
-from dist_lora.integrations.megatron import get_forward_backward_func
+from dist_lora.adapters.registry import adapter_layers, saved_modules
+from dist_lora.integrations.megatron import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    get_forward_backward_func,
+)
 from dist_lora.integrations.megatron_cpu import cpu_device_mode
 from dist_lora.models.loading import model_info
 from dist_lora.parallel.collectives import all_reduce_, broadcast_, reduce_from_group
@@ -103,8 +108,6 @@ def use_megatron_ddp(model, bucket_size: int | None = None) -> None:
 
     Call after the adapters are applied (the buckets cover the parameters trainable now; ones
     made trainable later are reduced tensor by tensor). No-op without data parallelism."""
-    from dist_lora.integrations.megatron import DistributedDataParallel, DistributedDataParallelConfig
-
     info = model_info(model)
     if info.groups.dp_size == 1 or info.ddp is not None:
         return
@@ -146,8 +149,6 @@ def clip_grad_norm(model, max_norm: float) -> float:
     and the squares are summed over the model-parallel group (TP x PP). Data-parallel replicas
     hold equal gradients after ``finalize_grads`` and are not summed.
     """
-    from dist_lora.registry import adapter_layers, saved_modules
-
     groups = model_info(model).groups
     split = {id(p) for p in model.parameters() if getattr(p, "tensor_model_parallel", False)}
     for _, layer in adapter_layers(model):

@@ -19,7 +19,8 @@ Two kinds live here:
   ============================  ===============================  ==============================
 
 * Plain (non-differentiable) helpers for control flow: agreeing on errors so that no rank is
-  left waiting in a collective, broadcasting objects, gathering a shard to one rank.
+  left waiting in a collective (``on_every_rank``, ``raise_if_any``), broadcasting objects,
+  gathering a shard to one rank.
 
 A ``group`` of ``None`` means the default (world) group. With one rank in the group every
 function is the identity and no communication happens.
@@ -27,9 +28,10 @@ function is the identity and no communication happens.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pickle
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -295,14 +297,39 @@ def raise_if_any(error: BaseException | None, group: Group = None, what: str = "
         if error is not None:
             raise error
         return
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
-    all_reduce_(flag, group, "max")
-    if not int(flag.item()):
+    if not any_rank(error is not None, group):
         return
     messages = all_gather_object(None if error is None else f"{type(error).__name__}: {error}", group)
     lines = [f"rank {r}: {m}" for r, m in enumerate(messages) if m is not None]
     prefix = f"{what} failed" if what else "failed"
     raise RankError(f"{prefix} on {len(lines)} rank(s):\n  " + "\n  ".join(lines)) from error
+
+
+@contextlib.contextmanager
+def on_every_rank(what: str = "", group: Group = None) -> Iterator[None]:
+    """Collective: run the block on every rank of ``group`` and raise together.
+
+    If the block raises on any rank, every rank raises (a ``RankError`` naming the failing
+    ranks and their messages; with one rank, the original exception), so no rank goes on to a
+    collective the others will never enter::
+
+        with on_every_rank(f"loading {path}"):
+            spec = read_spec(path)      # may fail on some ranks only
+    """
+    error = None
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+        error = err
+    raise_if_any(error, group, what)
+
+
+def any_rank(flag: bool, group: Group = None) -> bool:
+    """Collective: whether ``flag`` is true on any rank of ``group``."""
+    if group_size(group) == 1:
+        return bool(flag)
+    box = torch.tensor([int(bool(flag))], dtype=torch.int32)
+    return bool(all_reduce_(box, group, "max").item())
 
 
 def digest(obj: Any) -> str:

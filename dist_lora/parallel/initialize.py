@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from dist_lora.integrations import megatron_cpu
+from dist_lora.integrations.megatron import model_parallel_cuda_manual_seed, parallel_state
 from dist_lora.parallel.groups import ParallelGroups
 from dist_lora.parallel.launch_env import detect
 
@@ -56,8 +57,6 @@ def initialize(
     ``timeout_s`` bounds every collective (default ``$DIST_LORA_TIMEOUT_S`` or 1800 s): a rank
     that dies makes the others fail within it instead of hanging.
     """
-    from dist_lora.integrations.megatron import model_parallel_cuda_manual_seed, parallel_state
-
     global _current
 
     if not dist.is_initialized():
@@ -120,8 +119,6 @@ def initialize(
 
 def shutdown() -> None:
     """Tear down Megatron's parallel state and the process group (safe to call twice)."""
-    from dist_lora.integrations.megatron import parallel_state
-
     global _current
     _current = None
     if parallel_state.model_parallel_is_initialized():

@@ -28,12 +28,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from dist_lora.config import LoraConfig
-from dist_lora.init_methods import weight_method
-from dist_lora.recipes.config import FinetuneConfig
+import dist_lora as dl
+from dist_lora.adalora.export import export_adalora
+from dist_lora.adalora.orth import orth_reg_loss
+from dist_lora.config.adalora import AdaLoraConfig
+from dist_lora.config.init_names import weight_method
+from dist_lora.config.lora import LoraConfig
+
+if TYPE_CHECKING:  # the recipe config imports this module to check the adapter section
+    from dist_lora.recipes.config import FinetuneConfig
 
 INITIAL = "initial_adapter"
 LOFTQ_BLOCKSIZE = 64
@@ -42,8 +49,6 @@ LOFTQ_BLOCKSIZE = 64
 def adapter_config(config: FinetuneConfig) -> LoraConfig:
     """The ``lora`` section as a ``LoraConfig``, or the ``adalora`` section as an ``AdaLoraConfig``."""
     if config.adalora:
-        from dist_lora.adalora import AdaLoraConfig
-
         return AdaLoraConfig(**{"total_step": config.train.steps, **config.adalora})
     return LoraConfig(**config.lora)
 
@@ -125,8 +130,6 @@ class _EvaBatches:
 def apply(model, config: FinetuneConfig, batches, out: Path) -> Applied:
     """Add the recipe's adapter to ``model``, initialise it, then quantise the base when the recipe
     asks for a 4-bit one (after: initialisations read the float weights). Collective over the job."""
-    import dist_lora as dl
-
     name, adapter = method(config), adapter_config(config)
     applied = Applied(name)
     if name == "adalora":
@@ -150,8 +153,6 @@ def after_backward(model, applied: Applied) -> torch.Tensor | None:
     returns the penalty (equal on every rank) or None."""
     if applied.method != "adalora":
         return None
-    from dist_lora.adalora import orth_reg_loss
-
     penalty = orth_reg_loss(model)
     penalty.backward()
     return penalty.detach()
@@ -160,19 +161,13 @@ def after_backward(model, applied: Applied) -> torch.Tensor | None:
 def after_step(model, applied: Applied, step: int) -> None:
     """After the optimizer step (gradients still in ``.grad``): AdaLoRA's budget allocation."""
     if applied.method == "adalora":
-        import dist_lora as dl
-
         dl.update_and_allocate(model, step)
 
 
 def release(model, applied: Applied, out: Path, base: Path) -> list[Path]:
     """Export the trained adapter in PEFT's format; the directories written (each loads in peft
     on ``base``). Collective."""
-    import dist_lora as dl
-
     if applied.method == "adalora":
-        from dist_lora.adalora import export_adalora
-
         return [export_adalora(model, out / folder, format=form, base_model_name_or_path=str(base), overwrite=True)
                 for folder, form in (("adapter", "adalora"), ("adapter_lora", "lora"))]
     return [dl.export_peft(model, out / "adapter", base_model_name_or_path=str(base), overwrite=True,

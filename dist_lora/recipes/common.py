@@ -14,9 +14,13 @@ from typing import Callable
 
 import torch
 
-from dist_lora.parallel.collectives import broadcast_object
+from dist_lora import parallel
+from dist_lora.integrations.bitsandbytes import quantize_4bit
+from dist_lora.parallel.collectives import RankError, broadcast_object, group_rank
+from dist_lora.recipes.adapter import release
 from dist_lora.recipes.config import FinetuneConfig, load_config
 from dist_lora.recipes.data import Batches, read_texts, samples, tokenizer_for
+from dist_lora.testing.tiny import save_tiny
 
 LATEST = "latest"
 
@@ -43,8 +47,6 @@ def base_dir(config: FinetuneConfig, out: Path, rank: int) -> Path:
         source = {"config": json.loads(Path(config.model.demo_config).read_text()), "seed": config.model.demo_seed}
         note = base / DEMO_SOURCE
         if not (base / "config.json").is_file():
-            from dist_lora.testing.tiny import save_tiny
-
             save_tiny(source["config"], base, seed=source["seed"])
             note.write_text(json.dumps(source))
         elif not note.is_file() or json.loads(note.read_text()) != source:
@@ -126,8 +128,6 @@ def verify(ours: torch.Tensor, base: Path, adapter: Path, holdout: torch.Tensor,
 
         model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager", dtype=torch.float32)
         if quantize is not None:
-            from dist_lora.integrations.bitsandbytes import quantize_4bit
-
             with torch.no_grad():
                 for name, module in model.named_modules():
                     if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head":
@@ -164,8 +164,6 @@ def finish(model, logits: Callable[[torch.Tensor], torch.Tensor], config: Finetu
     """Release the adapter in PEFT's format (:func:`dist_lora.recipes.adapter.release`), verify each
     export against peft (``logits``: our model's, a collective), draw the loss curve; the exit
     code (1 when a verification fails)."""
-    from dist_lora.recipes.adapter import release
-
     exports = release(model, applied, out, base)
     code = 0
     if config.output.verify:
@@ -200,9 +198,6 @@ def launcher_main(doc: str, argv: list[str] | None, run_name: str) -> int:
     except (OSError, ValueError) as err:
         print(f"{Path(sys.argv[0]).stem}: config error: {err}", file=sys.stderr)
         return 2
-    from dist_lora import parallel
-    from dist_lora.parallel.collectives import RankError, group_rank
-
     try:
         return runner.run(config, resume=args.resume)
     except RankError as err:  # raised on every rank together (bad input found after start): say it once

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from dist_lora.config import LoraConfig
+from dist_lora.config.lora import LoraConfig
+from dist_lora.recipes.adapter import adapter_config, check
 
 
 @dataclass
@@ -92,8 +93,6 @@ class FinetuneConfig:
 
     def lora_config(self) -> LoraConfig:
         """The adapter's config: ``LoraConfig`` of ``lora``, or ``AdaLoraConfig`` of ``adalora``."""
-        from dist_lora.recipes.adapter import adapter_config
-
         return adapter_config(self)
 
 
@@ -161,7 +160,5 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
     for name in ("steps", "micro_batch_size", "micro_batches", "log_every"):
         if getattr(config.train, name) < 1:
             raise ValueError(f"train.{name} must be >= 1")
-    from dist_lora.recipes.adapter import check
-
     check(config, runner=None)
     return config

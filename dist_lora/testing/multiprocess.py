@@ -109,10 +109,18 @@ class LaunchResult:
 
 
 def launch(module: str, world_size: int, data: dict | None = None, tmp: str | Path | None = None,
-           timeout: float = 900, collective_timeout: float = 120) -> LaunchResult:
-    """Run every registered check of ``module`` in ``world_size`` processes; collect verdicts."""
+           timeout: float = 900, collective_timeout: float | None = None) -> LaunchResult:
+    """Run every registered check of ``module`` in ``world_size`` processes; collect verdicts.
+
+    ``collective_timeout`` (default 120 s, or ``$DIST_LORA_TEST_COLLECTIVE_TIMEOUT_S``) bounds
+    every collective of the workers; ``$DIST_LORA_TEST_TIMEOUT_SCALE`` multiplies both deadlines
+    on a machine busy with other work."""
     import tempfile
 
+    scale = float(os.environ.get("DIST_LORA_TEST_TIMEOUT_SCALE", 1))
+    if collective_timeout is None:
+        collective_timeout = float(os.environ.get("DIST_LORA_TEST_COLLECTIVE_TIMEOUT_S", 120))
+    timeout, collective_timeout = timeout * scale, collective_timeout * scale
     workdir = Path(tmp or tempfile.mkdtemp(prefix="dist_lora_launch_"))
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "data.json").write_text(json.dumps(data or {}))

@@ -53,7 +53,9 @@ def main(module_name: str, workdir: str) -> int:
             try:
                 c.func(ctx)
                 results[case] = {"ok": True, "error": ""}
-            except Exception:  # noqa: BLE001 - a failing check is a result, not a crash
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:  # noqa: BLE001 - a failing check (pytest.fail too) is a result, not a crash
                 results[case] = {"ok": False, "error": traceback.format_exc()}
             out.write_text(json.dumps(results))
             all_reduce_(torch.zeros(1))  # keep the ranks in step between checks

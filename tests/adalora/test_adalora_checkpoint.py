@@ -10,10 +10,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_lora import adapter_state_dict, load_adapter, load_training_state, save_adapter, save_training_state
-from dist_lora.adalora import AdaLoraConfig, apply_adalora, orth_reg_loss, update_and_allocate
-from dist_lora.checkpoint import read_manifest
-from dist_lora.registry import require_adapter
+from dist_lora import (
+    AdaLoraConfig,
+    adapter_state_dict,
+    apply_adalora,
+    load_adapter,
+    load_training_state,
+    orth_reg_loss,
+    save_adapter,
+    save_training_state,
+    update_and_allocate,
+)
+from dist_lora.adapters.registry import require_adapter
+from dist_lora.checkpoint.sharded import read_manifest
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model
 
 CONFIG = dict(init_r=3, target_r=1, lora_alpha=6, tinit=1, tfinal=2, total_step=9, deltaT=2,

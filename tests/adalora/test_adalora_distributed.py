@@ -24,16 +24,23 @@ import pytest
 import torch
 
 import dist_lora as dl
-from dist_lora import models, set_adapter_state_dict, adapter_state_dict
-from dist_lora.adalora import AdaLoraConfig, apply_adalora, orth_reg_loss, update_and_allocate
+from dist_lora import (
+    AdaLoraConfig,
+    adapter_state_dict,
+    apply_adalora,
+    models,
+    orth_reg_loss,
+    set_adapter_state_dict,
+    update_and_allocate,
+)
 from dist_lora.adalora.export import export_adalora
 from dist_lora.adalora.shrink import shrink_to_rank_pattern
 from dist_lora.adalora.state import state_tensors
+from dist_lora.adapters.registry import require_adapter
 from dist_lora.checkpoint.entries import entries
-from dist_lora.checkpoint.sharded import ShardReader
+from dist_lora.checkpoint.sharded import ShardReader, read_manifest
 from dist_lora.models.training import finalize_grads, forward_backward
 from dist_lora.parallel.collectives import RankError, all_gather_object
-from dist_lora.registry import require_adapter
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model, save_tiny
@@ -218,7 +225,7 @@ def resumed_training_repeats_the_uninterrupted_run_bit_for_bit(ctx):
     model, straight = _straight(ctx, ref, save_to=root)
     final, pattern = adapter_state_dict(model), require_adapter(model, "default").rank_pattern
     for k in RESUME_AT:
-        manifest = dl.checkpoint.read_manifest(root / f"k{k}")
+        manifest = read_manifest(root / f"k{k}")
         has_emas = any(m["role"].startswith("adalora.") for m in manifest["tensors"].values())
         assert has_emas == (0 < k <= CONFIG["total_step"] - CONFIG["tfinal"]), (k, has_emas)
         saved = AdaLoraConfig.from_dict(manifest["adapter_config"])
@@ -253,7 +260,7 @@ def allocator_state_reshards_from_tp2_to_pp2(ctx):
     k, path = 5, Path(ctx.tmp) / "resume_tp2" / "k5"
     model, optimizer = _fresh(ctx)
     dl.load_training_state(model, optimizer, path)
-    manifest = dl.checkpoint.read_manifest(path)
+    manifest = read_manifest(path)
     reader, seen = ShardReader(path, manifest), 0
     emas = state_tensors(model, "default")
     for e in entries(model, "default"):

@@ -9,12 +9,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_lora import adapter_state_dict, apply_lora, merge_and_unload, set_adapter_state_dict
-from dist_lora.adalora import AdaLoraConfig, apply_adalora, orth_reg_loss, update_and_allocate
+from dist_lora import (
+    AdaLoraConfig,
+    adapter_state_dict,
+    apply_adalora,
+    apply_lora,
+    merge_and_unload,
+    orth_reg_loss,
+    set_adapter_state_dict,
+    update_and_allocate,
+)
 from dist_lora.adalora.export import export_adalora
 from dist_lora.adalora.shrink import shrink_to_rank_pattern
-from dist_lora.config import LoraConfig
-from dist_lora.registry import require_adapter
+from dist_lora.adapters.registry import require_adapter
+from dist_lora.config.lora import LoraConfig
 from dist_lora.testing.peft_reference import rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model
 from tests.adalora.reference import ADAM_EPS, adalora_reference, shifted

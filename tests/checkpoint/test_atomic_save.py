@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dist_lora as dl
-from dist_lora.registry import adapter_layers
+from dist_lora.adapters.registry import adapter_layers
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model
 
 CONFIG = dict(r=32, lora_alpha=8, target_modules="all-linear")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import dist_lora as dl
 from dist_lora import models
+from dist_lora.checkpoint.sharded import read_manifest
 from dist_lora.parallel.collectives import RankError, all_gather_object, barrier
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import peft_model, rel_error
@@ -128,7 +129,7 @@ def sharded_checkpoint_reloads_across_pipeline_stages(ctx):
     model = _imported(ctx, "all_linear")
     path = Path(ctx.tmp) / "ckpt_pp"
     dl.save_adapter(model, path)
-    manifest = dl.checkpoint.read_manifest(path)
+    manifest = read_manifest(path)
     assert manifest["layout"] == {"tp": 2, "pp": 2} and len(manifest["files"]) == 4
     fresh = models.from_pretrained(ctx.data["llama"])
     dl.load_adapter(fresh, path)
@@ -276,7 +277,7 @@ def peft_projections_import_exactly_as_fused_adapters_of_summed_rank(ctx):
     model = models.from_pretrained(ctx.data["llama"])
     dl.import_peft(model, _peft_dir(ctx, "fusable"), fused=True)
     assert rel_error(models.logits(model, refs["ids"]), refs["logits"]["fusable"]) <= 1e-5
-    from dist_lora.registry import adapter_layers
+    from dist_lora.adapters.registry import adapter_layers
 
     ranks = {n.rsplit(".", 1)[1]: {f.r for f in layer.factors_of("default").values()}
              for n, layer in adapter_layers(model)}

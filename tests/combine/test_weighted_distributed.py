@@ -26,13 +26,14 @@ modules with one source are combined too. What is compared, per type:
 from __future__ import annotations
 
 from pathlib import Path
+
 import pytest
 import torch
 
 import dist_lora as dl
 from dist_lora import models
+from dist_lora.adapters.registry import adapter_layers, registry
 from dist_lora.parallel.collectives import barrier
-from dist_lora.registry import adapter_layers, registry
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, save_tiny

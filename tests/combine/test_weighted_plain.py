@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dist_lora as dl
+from dist_lora.adapters.registry import existing
 from dist_lora.testing.peft_reference import rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model
 from tests.combine.peft_helpers import peft_with_our_dare_masks, signed
@@ -78,7 +79,7 @@ def test_bad_input_leaves_the_plain_model_as_it_was(models):
         dl.add_weighted_adapter(ours, ["one", "two"], [1.0, 1.0], "bad", combination_type="dare_ties")
     with pytest.raises(ValueError, match="do not exist"):
         dl.add_weighted_adapter(ours, ["one", "three"], [1.0, 1.0], "bad")
-    assert "bad" not in dl.registry.registry(ours).configs
+    assert "bad" not in existing(ours)
     after = dl.adapter_state_dict(ours, "one")
     assert all(torch.equal(after[k], before[k]) for k in before)
 

@@ -14,10 +14,17 @@ from pathlib import Path
 
 import torch
 
-from dist_lora import LoraConfig, adapter_state_dict, apply_lora, export_peft, merge_adapter, set_adapter_state_dict
+from dist_lora import (
+    LoraConfig,
+    adapter_state_dict,
+    apply_lora,
+    export_peft,
+    merge_adapter,
+    quantize_base,
+    set_adapter_state_dict,
+)
 from dist_lora.integrations import deepspeed as ds
 from dist_lora.integrations.bitsandbytes import quantize_4bit
-from dist_lora.quantize import quantize_base
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import reference_run, rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model

@@ -90,7 +90,7 @@ def _my_batches(ctx, batches):
 
 def _full(ctx, model, state: dict) -> dict:
     """Global [r, in] tensors from this rank's shards (gathered over TP, merged over PP)."""
-    from dist_lora.registry import adapter_layers
+    from dist_lora.adapters.registry import adapter_layers
 
     layouts = {f.slot.hf_names[0]: f.a_layout for _, layer in adapter_layers(model)
                for f in layer.factors_of("default").values()}
@@ -162,7 +162,7 @@ def _initialize_matches_peft(ctx, scenario):
     model = _model(ctx, scenario)
     base = models.logits(model, ref["batches"][0]["input_ids"])
     dl.initialize_lora_eva_weights(model, _my_batches(ctx, ref["batches"]))
-    from dist_lora.registry import registry
+    from dist_lora.adapters.registry import registry
 
     config = registry(model).configs["default"]
     assert config.rank_pattern == ref["rank_pattern"], (config.rank_pattern, ref["rank_pattern"])
@@ -203,7 +203,7 @@ def _selected(targets: list[str], layers: dict) -> set[str]:
 
 
 def _unchanged(model, before_state, before_config):
-    from dist_lora.registry import registry
+    from dist_lora.adapters.registry import registry
 
     after = dl.adapter_state_dict(model)
     assert sorted(after) == sorted(before_state)
@@ -216,7 +216,7 @@ def _unchanged(model, before_state, before_config):
 
 @check("tp1", "tp2")
 def bad_input_fails_on_every_rank_and_leaves_the_model(ctx):
-    from dist_lora.registry import registry
+    from dist_lora.adapters.registry import registry
 
     ref = _ref(ctx, "all_linear")
     model = _model(ctx)

@@ -19,8 +19,18 @@ from pathlib import Path
 
 import torch
 
-from dist_lora import (LoraConfig, adapter_state_dict, add_adapter, apply_lora, export_peft, load_adapter, models,
-                       save_adapter, set_adapter_state_dict, unload)
+from dist_lora import (
+    LoraConfig,
+    adapter_state_dict,
+    add_adapter,
+    apply_lora,
+    export_peft,
+    load_adapter,
+    models,
+    save_adapter,
+    set_adapter_state_dict,
+    unload,
+)
 from dist_lora.config import LoftQConfig
 from dist_lora.parallel.collectives import RankError, group_rank
 from dist_lora.testing import check, distributed_tests

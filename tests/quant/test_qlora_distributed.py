@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_lora import LoraConfig, adapter_state_dict, apply_lora, models, set_adapter_state_dict
+from dist_lora import LoraConfig, adapter_state_dict, apply_lora, models, quantize_base, set_adapter_state_dict
 from dist_lora.integrations.bitsandbytes import quantize_4bit
 from dist_lora.models.training import finalize_grads, forward_backward
-from dist_lora.quantize import quantize_base
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import loss_of, peft_key, rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model, save_tiny

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dist_lora import LoraConfig, adapter_state_dict, apply_lora, set_adapter_state_dict
-from dist_lora.quantize import quantize_base
+from dist_lora import LoraConfig, adapter_state_dict, apply_lora, quantize_base, set_adapter_state_dict
 from dist_lora.testing.peft_reference import loss_of, rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model
 from tests.quant.test_qlora_distributed import FAMILY, SCENARIOS, dequantised_reference

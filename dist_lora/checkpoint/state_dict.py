@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dist_lora.adapters.model import view
+from dist_lora.adapters.registry import adapter_layers, require_adapter, saved_modules, wrappers
+from dist_lora.checkpoint.peft_names import PREFIX, bias_key, join_fused, peft_key, split_fused
 from dist_lora.integrations.deepspeed import gathered, is_partitioned
 from dist_lora.layers.adapter_layer import AdapterLayer
 from dist_lora.layers.factors import LoraFactors
 from dist_lora.layers.sharding import FactorLayout
-from dist_lora.parallel.collectives import all_gather_object, all_gather_tensors, raise_if_any
-from dist_lora.peft_names import PREFIX, bias_key, join_fused, peft_key, split_fused
-from dist_lora.registry import adapter_layers, require_adapter, saved_modules, wrappers
+from dist_lora.parallel.collectives import all_gather_object, all_gather_tensors, on_every_rank
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -27,10 +28,6 @@ def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     base biases, never a base weight (so ZeRO-3 gathers only these for export / loading)."""
     return [p for _, wrapper in wrappers(model) for name, p in wrapper.named_parameters()
             if not (name.startswith("base_layer.") and not name.endswith(".bias"))]
-
-def _spec(model: nn.Module):
-    info = getattr(model, "dist_lora", None)
-    return info.spec if info is not None else None
 
 
 def _kind(layer: AdapterLayer, factors: LoraFactors | None = None) -> str:
@@ -62,7 +59,7 @@ def _bias_entries(model: nn.Module, adapter: str, gradients: bool) -> dict[str, 
     mode = require_adapter(model, adapter).bias
     if mode == "none":
         return {}
-    out, spec = {}, _spec(model)
+    out, spec = {}, view(model).spec
     for name, layer in adapter_layers(model):
         bias = getattr(layer.base_layer, "bias", None)
         if bias is None:
@@ -98,7 +95,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", gradient
 
 
 def _adapter_state_dict(model: nn.Module, adapter_name: str, gradients: bool) -> dict:
-    spec = _spec(model)
+    spec = view(model).spec
     out: dict[str, torch.Tensor] = {}
     for _, layer in adapter_layers(model):
         for factors in layer.factors_of(adapter_name).values():
@@ -111,13 +108,7 @@ def _adapter_state_dict(model: nn.Module, adapter_name: str, gradients: bool) ->
             hf = module.hf_name
             out[f"{PREFIX}{hf}.weight"] = full.clone()
     out.update(_bias_entries(model, adapter_name, gradients))
-    info = getattr(model, "dist_lora", None)
-    if info is not None and info.groups.pp_size > 1:
-        merged = {}
-        for part in all_gather_object(out, info.groups.pp_group):
-            merged.update(part)
-        out = merged
-    return dict(sorted(out.items()))
+    return dict(sorted(view(model).gather_stages(out).items()))
 
 
 def _load_biases(model: nn.Module, state: dict, spec) -> set[str]:
@@ -156,8 +147,8 @@ def set_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ada
     are not adapter tensors and are ignored.
     """
     require_adapter(model, adapter_name)
-    spec, used, error = _spec(model), set(), None
-    try:
+    spec, used = view(model).spec, set()
+    with on_every_rank(f"loading adapter {adapter_name!r}"):
         with torch.no_grad(), gathered(adapter_parameters(model), modify=True):
             for _, layer in adapter_layers(model):
                 for factors in layer.factors_of(adapter_name).values():
@@ -179,9 +170,6 @@ def set_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ada
                     used.add(key)
                     module.copies[adapter_name].copy_(module.layout.local(state[key], module.shard.tp, module.shard.rank))
             used.update(_load_biases(model, state, spec))
-    except (KeyError, ValueError) as err:
-        error = err
-    raise_if_any(error, what=f"loading adapter {adapter_name!r}")
     everyone = set().union(*all_gather_object(used))
     # PEFT stores the base embedding / lm_head weights next to adapters that target them
     # (``save_embedding_layers``); they are base weights, not part of the adapter.

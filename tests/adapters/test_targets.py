@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dist_lora as dl
-from dist_lora.registry import adapter_layers
+from dist_lora.adapters.registry import adapter_layers
 from dist_lora.testing.peft_reference import loss_of, peft_key, peft_model, rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
-from dist_lora.eva.config import EvaConfig, as_eva_config
-from dist_lora.init_methods import check_init_method
+from dist_lora.config.eva import EvaConfig, as_eva_config
+from dist_lora.config.init_names import check_init_method
 
 BIAS_OPTIONS = ("none", "all", "lora_only")
 
@@ -64,9 +64,9 @@ class LoraConfig:
         lora_bias: a trainable bias on ``lora_B`` (not with DoRA).
         modules_to_save: modules trained fully (a trainable copy per adapter), e.g. ``["lm_head"]``.
         init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``False`` (both random) or an
-            initialisation method name registered in :mod:`dist_lora.init_methods`.
+            initialisation method named in :mod:`dist_lora.config.init_names`.
         use_dora: weight-decomposed LoRA (a magnitude vector per output row).
-        eva_config: :class:`~dist_lora.eva.config.EvaConfig` (or its dict) for
+        eva_config: :class:`~dist_lora.config.eva.EvaConfig` (or its dict) for
             ``init_lora_weights="eva"``; defaults to ``EvaConfig()`` then, as in PEFT.
         loftq_config: :class:`LoftQConfig` (stored as a dict) for ``init_lora_weights="loftq"``.
     """
@@ -118,10 +118,7 @@ class LoraConfig:
             raise ValueError(f"peft_type={self.peft_type!r}: LoraConfig describes LORA adapters only")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
-            raise ValueError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
+        self.check_shared_fields()
         if self.bias not in BIAS_OPTIONS:
             raise ValueError(f"bias must be one of {BIAS_OPTIONS}, got {self.bias!r}")
         if self.use_dora and self.lora_bias:
@@ -134,6 +131,14 @@ class LoraConfig:
         for key, value in self.rank_pattern.items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+
+    def check_shared_fields(self) -> None:
+        """The checks of the fields every adapter method shares with LoRA (scaling numerator,
+        dropout, target selection); subclasses' ``validate`` calls them too."""
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
+            raise ValueError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be used when target_modules is a regex string")
         if isinstance(self.target_modules, str) and self.layers_pattern:

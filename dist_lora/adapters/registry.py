@@ -11,7 +11,7 @@ from typing import Iterator
 
 from torch import nn
 
-from dist_lora.config import LoraConfig
+from dist_lora.config.lora import LoraConfig
 from dist_lora.layers.adapter_layer import AdapterLayer
 from dist_lora.layers.modules_to_save import ModulesToSave
 
@@ -33,6 +33,33 @@ def registry(model: nn.Module, create: bool = False) -> AdapterRegistry:
         reg = AdapterRegistry()
         setattr(model, _ATTR, reg)
     return reg
+
+
+def existing(model: nn.Module) -> dict[str, LoraConfig]:
+    """The model's adapter configs by name (empty if it has none yet); read-only use."""
+    reg = getattr(model, _ATTR, None)
+    return {} if reg is None else reg.configs
+
+
+def snapshot(model: nn.Module) -> AdapterRegistry | None:
+    """A copy of the registry's state (``None``: the model has no registry)."""
+    reg = getattr(model, _ATTR, None)
+    return None if reg is None else AdapterRegistry(dict(reg.configs), list(reg.active), reg.disabled)
+
+
+def restore(model: nn.Module, saved: AdapterRegistry | None) -> None:
+    """Put back a :func:`snapshot` (removing the registry if there was none)."""
+    if saved is None:
+        if hasattr(model, _ATTR):
+            delattr(model, _ATTR)
+        return
+    reg = registry(model, create=True)
+    reg.configs, reg.active, reg.disabled = dict(saved.configs), list(saved.active), saved.disabled
+
+
+def drop(model: nn.Module) -> None:
+    """Forget every adapter (after unloading them all)."""
+    delattr(model, _ATTR)
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:

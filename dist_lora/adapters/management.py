@@ -12,10 +12,11 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from dist_lora.apply import _set_module, refresh
+from dist_lora.adapters.journal import set_module
+from dist_lora.adapters.registry import adapter_layers, drop, registry, require_adapter, saved_modules, wrappers
+from dist_lora.adapters.trainable import refresh
 from dist_lora.integrations.deepspeed import gathered
-from dist_lora.parallel.collectives import raise_if_any
-from dist_lora.registry import adapter_layers, registry, require_adapter, saved_modules, wrappers
+from dist_lora.parallel.collectives import on_every_rank, raise_if_any
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -83,15 +84,14 @@ def merge_adapter(model: nn.Module, adapter_names: list[str] | None = None, safe
     rank is not finite, every rank raises and no weight is changed.
     """
     names = _names(model, adapter_names)
-    problem = None
-    for module_name, layer in adapter_layers(model):
-        for name in names:
-            if name in layer.adapter_names() and problem is None:
-                try:
-                    layer.check_mergeable(name)
-                except RuntimeError as err:
-                    problem = RuntimeError(f"{module_name}: {err}")
-    raise_if_any(problem, what=f"merging {names}")
+    with on_every_rank(f"merging {names}"):
+        for module_name, layer in adapter_layers(model):
+            for name in names:
+                if name in layer.adapter_names():
+                    try:
+                        layer.check_mergeable(name)
+                    except RuntimeError as err:
+                        raise RuntimeError(f"{module_name}: {err}") from err
     if safe_merge:
         bad = None
         for module_name, layer in adapter_layers(model):
@@ -124,7 +124,7 @@ def _unwrap(model: nn.Module, merge: bool, safe_merge: bool, adapter_names) -> n
         merge_adapter(model, adapter_names, safe_merge)
     active = registry(model).active
     for name, layer in list(adapter_layers(model)):
-        _set_module(model, name, layer.base_layer)
+        set_module(model, name, layer.base_layer)
     for name, module in list(saved_modules(model)):
         chosen = next((a for a in active if a in module.copies), None)
         if merge and chosen is not None:
@@ -133,8 +133,8 @@ def _unwrap(model: nn.Module, merge: bool, safe_merge: bool, adapter_names) -> n
                 raise RuntimeError(f"{name} shares its weight with the embedding; cannot write its saved copy")
             with gathered([weight, module.copies[chosen]], modify=True):
                 weight.data.copy_(module.copies[chosen].data)
-        _set_module(model, name, module.base_layer)
-    delattr(model, "dist_lora_adapters")
+        set_module(model, name, module.base_layer)
+    drop(model)
     return model
 
 

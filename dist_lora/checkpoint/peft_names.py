@@ -1,12 +1,18 @@
 """PEFT's key names for adapter tensors, and the split / join of fused Megatron adapters.
 
 One table maps a tensor's role to its PEFT key suffix; a fused adapter (one adapter over
-q/k/v or gate/up) is split into per-projection tensors sharing one ``lora_A``.
+q/k/v or gate/up) is split into per-projection tensors sharing one ``lora_A``. Also: PEFT tensors
+grouped by module (``adapter_modules``) and each HF module's Megatron counterpart
+(``hf_module_table``).
 """
 
 from __future__ import annotations
 
 import torch
+
+from dist_lora.adapters.targets import pattern_value
+from dist_lora.config.lora import LoraConfig
+from dist_lora.models.layouts import read_local, unshard
 
 PREFIX = "base_model.model."
 SUFFIXES = {
@@ -32,8 +38,6 @@ def split_fused(fused: str | None, tensor: torch.Tensor, names: tuple[str, ...],
         return {names[0]: tensor}
     if shared:
         return {n: tensor for n in names}
-    from dist_lora.models.layouts import unshard
-
     return dict(zip(names, unshard(fused, [tensor], spec)))
 
 
@@ -47,7 +51,6 @@ def join_fused(fused: str | None, parts: dict, names: tuple[str, ...], spec, sha
             raise ValueError(f"{', '.join(names)} have different lora_A; a fused adapter needs one A shared by "
                              f"its projections (import them as per-projection adapters instead)")
         return first
-    from dist_lora.models.layouts import read_local
 
     class _Reader:
         def shape(self, name):
@@ -62,3 +65,35 @@ def join_fused(fused: str | None, parts: dict, names: tuple[str, ...], spec, sha
 def bias_key(hf_name: str, adapted: bool) -> str:
     """Key of a trainable base bias (``bias="all"`` / ``"lora_only"``), as PEFT names it."""
     return f"{PREFIX}{hf_name}.base_layer.bias" if adapted else f"{PREFIX}{hf_name}.bias"
+
+
+def adapter_modules(config: LoraConfig, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """HF module name -> its adapter tensors (by role) and scaling."""
+    roles = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_B.bias": "lora_bias",
+             "lora_magnitude_vector": "m", "lora_embedding_A": "emb_A", "lora_embedding_B": "emb_B"}
+    out: dict[str, dict] = {}
+    for key, tensor in tensors.items():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        for suffix, role in roles.items():
+            if name.endswith("." + suffix):
+                out.setdefault(name[: -len(suffix) - 1], {})[role] = tensor
+                break
+    for module, parts in out.items():
+        r = (parts.get("A") if "A" in parts else parts["emb_A"]).shape[0]
+        alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
+        parts["scaling"] = config.scaling_for(r, alpha)
+    return out
+
+
+def hf_module_table(spec) -> dict[str, tuple[str, str, bool]]:
+    """HF module name -> (Megatron module name with global layer index, layout, in a fused layer)."""
+    table = {"lm_head": ("output_layer", "vocab", False)}
+    for entry in spec.family.weights:
+        if not entry.megatron.endswith(".weight") or entry.layout == "replicated" or entry.when == "tied":
+            continue
+        for layer in range(spec.num_layers) if entry.per_layer else [None]:
+            megatron = entry.megatron[: -len(".weight")].format(layer=layer)
+            for hf in entry.hf:
+                table[hf[: -len(".weight")].format(layer=layer)] = (megatron, entry.layout,
+                                                                    entry.layout in ("qkv", "glu"))
+    return table

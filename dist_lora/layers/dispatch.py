@@ -10,17 +10,12 @@ from typing import Callable
 
 from torch import nn
 
+from dist_lora.integrations.megatron import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from dist_lora.layers.embedding import LoraEmbedding
 from dist_lora.layers.linear import LoraLinear
 from dist_lora.layers.quantized import QuantizedLinear
 from dist_lora.layers.sharding import BaseShard
 from dist_lora.parallel.collectives import group_rank, group_size
-
-
-def _megatron_types():
-    from dist_lora.integrations.megatron import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-
-    return ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 
 def _column(layer, vocab_size):
@@ -58,22 +53,21 @@ def _quantized(layer, vocab_size):
     return layer.shard
 
 
-def _dispatch_table() -> list[tuple[type, type, Callable]]:
-    column, row, vocab = _megatron_types()
-    return [
-        (QuantizedLinear, LoraLinear, _quantized),
-        (column, LoraLinear, _column),
-        (row, LoraLinear, _row),
-        (vocab, LoraEmbedding, _vocab),
-        (nn.Linear, LoraLinear, _linear),
-        (nn.Embedding, LoraEmbedding, _embedding),
-    ]
+# Base-layer type, wrapper class, shard description: the first match wins.
+DISPATCH: list[tuple[type, type, Callable]] = [
+    (QuantizedLinear, LoraLinear, _quantized),
+    (ColumnParallelLinear, LoraLinear, _column),
+    (RowParallelLinear, LoraLinear, _row),
+    (VocabParallelEmbedding, LoraEmbedding, _vocab),
+    (nn.Linear, LoraLinear, _linear),
+    (nn.Embedding, LoraEmbedding, _embedding),
+]
 
 
 def describe(layer: nn.Module, vocab_size: int | None = None) -> tuple[type, BaseShard]:
     """The wrapper class and shard description of ``layer`` (first match wins)."""
-    for base_type, wrapper, make in _dispatch_table():
+    for base_type, wrapper, make in DISPATCH:
         if isinstance(layer, base_type):
             return wrapper, make(layer, vocab_size)
-    supported = ", ".join(t.__name__ for t, _, _ in _dispatch_table())
+    supported = ", ".join(t.__name__ for t, _, _ in DISPATCH)
     raise TypeError(f"cannot adapt a {type(layer).__name__}; supported layer types: {supported}")

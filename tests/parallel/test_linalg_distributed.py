@@ -1,4 +1,4 @@
-"""Sharded decompositions (dist_lora.linalg) against LAPACK on the whole matrix: exact SVD up
+"""Sharded decompositions (dist_lora.parallel.linalg) against LAPACK on the whole matrix: exact SVD up
 to the sign of each singular pair, randomised SVD by subspace angle and reconstruction error,
 tall-skinny QR by reconstruction and orthogonality. Rows, columns and replicated layouts."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_lora import linalg
+from dist_lora.parallel import linalg
 from dist_lora.testing import check, distributed_tests
 
 

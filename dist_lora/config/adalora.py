@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
-from dist_lora.config import LoraConfig
+from dist_lora.config.lora import LoraConfig
 
 
 def _positive_int(name: str, value, allow_zero: bool = False) -> None:
@@ -97,16 +97,9 @@ class AdaLoraConfig(LoraConfig):
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
         if self.rank_pattern is not None and not isinstance(self.rank_pattern, dict):
             raise ValueError(f"rank_pattern must be None or a dict, got {type(self.rank_pattern).__name__}")
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
-            raise ValueError(f"lora_alpha must be a number, got {self.lora_alpha!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must lie in [0, 1), got {self.lora_dropout!r}")
         if self.bias != "none":
             raise ValueError(f"bias={self.bias!r} is not supported with AdaLoRA in dist_lora; set bias='none'")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError("layers_to_transform cannot be used when target_modules is a regex string")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("layers_pattern needs layers_to_transform")
+        self.check_shared_fields()
 
     def scaling_for(self, r: int, alpha: float) -> float:
         """PEFT's AdaLoRA scaling: ``lora_alpha / (ranknum + 1e-5)`` with ranknum = init_r (fixed)."""

@@ -1,5 +1,8 @@
 """``quantize_base``: QLoRA's 4-bit base weights (the linear layers of the transformer blocks).
 
+The layer is :class:`dist_lora.layers.quantized.QuantizedLinear`; bitsandbytes sits behind
+:mod:`dist_lora.integrations.bitsandbytes`. This module walks a model and swaps layers in.
+
 As bitsandbytes' ``load_in_4bit`` does for Hugging Face models, every linear layer is
 quantised, adapted or not, except the output layer (``lm_head`` / Megatron's
 ``output_layer``) and ``modules_to_save`` (trained in full); embeddings and norms stay as they are. On Megatron models each rank
@@ -13,12 +16,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from dist_lora.dispatch import describe
 from dist_lora.integrations import bitsandbytes
 from dist_lora.layers.adapter_layer import AdapterLayer
+from dist_lora.layers.dispatch import describe
 from dist_lora.layers.modules_to_save import ModulesToSave
 from dist_lora.layers.quantized import QuantizedLinear
-from dist_lora.parallel.collectives import raise_if_any
+from dist_lora.parallel.collectives import on_every_rank
 
 OUTPUT_LAYERS = ("output_layer", "lm_head")
 
@@ -54,8 +57,8 @@ def quantize_base(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64
     them, leaving the model as it was. Merging into a 4-bit base is refused; release with
     ``export_peft`` + ``dist-lora merge`` onto the float base.
     """
-    error, todo = None, []
-    try:
+    todo = []
+    with on_every_rank("quantising the base weights"):
         if not bitsandbytes.available():
             raise ImportError(f"quantize_base needs bitsandbytes, which is not installed; {bitsandbytes.INSTALL_HINT}")
         if quant_type not in ("nf4", "fp4"):
@@ -71,9 +74,6 @@ def quantize_base(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64
             todo.append((name, layer, owner, attr))
         if not todo:
             raise ValueError("quantize_base found no linear layer to quantise (already quantised?)")
-    except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-        error = exc
-    raise_if_any(error, what="quantising the base weights")
     for _, layer, owner, attr in todo:
         setattr(owner, attr, QuantizedLinear(layer, describe(layer)[1], quant_type, blocksize))
     return [name for name, *_ in todo]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from dist_lora.adapters.model import view
+from dist_lora.adapters.registry import adapter_layers, saved_modules
 from dist_lora.parallel.collectives import all_equal_tensors, raise_if_any
-from dist_lora.registry import adapter_layers, saved_modules
 
 
 def check_replicas(model: nn.Module) -> None:
@@ -30,10 +31,10 @@ def check_replicas(model: nn.Module) -> None:
     for name, module in saved_modules(model):
         dp_named += [(f"{name}.copies.{a}", p) for a, p in module.copies.items()]
     error = None
-    info = getattr(model, "dist_lora", None)
+    dp_group = view(model).dp_group
     checks = [("tensor-parallel", tp_named, tp_group)] if tp_named else []
-    if info is not None and info.groups.dp_size > 1:
-        checks.append(("data-parallel", dp_named, info.groups.dp_group))
+    if dp_group is not None:
+        checks.append(("data-parallel", dp_named, dp_group))
     for what, named, group in checks:
         same = all_equal_tensors([p for _, p in named], group)
         if not all(same) and error is None:

@@ -1,0 +1,104 @@
+"""Which candidates an adapter config targets, with PEFT's matching rules.
+
+Candidates (:mod:`dist_lora.adapters.candidates`) come from the model seam
+(:func:`dist_lora.adapters.model.view`). Matching is PEFT's ``check_target_module_exists``: a
+string is a regex matched against the whole name; a list matches a name equal to an entry or
+ending in ``.entry``; exclusions, ``layers_to_transform`` / ``layers_pattern`` and
+``rank_pattern`` / ``alpha_pattern`` (``(.*\\.)?key$``) work as in PEFT, on the Hugging Face name.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from dist_lora.adapters.candidates import Candidate
+from dist_lora.adapters.model import view
+from dist_lora.config.lora import LoraConfig
+
+
+def _name_matches(targets, name: str) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
+def _layer_ok(config: LoraConfig, name: str) -> bool:
+    indexes = config.layers_to_transform
+    if indexes is None or (isinstance(indexes, list) and not indexes):
+        return True
+    patterns = config.layers_pattern
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == indexes if isinstance(indexes, int) else index in indexes
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """PEFT's ``get_pattern_key``: the first key matching ``(.*\\.)?key$`` wins."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return patterns[key]
+    return default
+
+
+def _excluded(config: LoraConfig, name: str) -> bool:
+    if config.exclude_modules and _name_matches(config.exclude_modules, name):
+        return True
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save or [])
+
+
+def leaf_names(model: nn.Module) -> list[str]:
+    """Short names of the modules that could be targeted (for error messages)."""
+    return sorted({n.rsplit(".", 1)[-1] for c in view(model).candidates() for n in c.names})
+
+
+def select(model: nn.Module, config: LoraConfig) -> list[Candidate]:
+    """The candidates ``config`` targets on this rank (possibly none: under pipeline
+    parallelism another stage may hold them); a ``ValueError`` names an inconsistent target."""
+    pool = view(model).candidates()
+    targets = config.target_modules
+    if targets is None:
+        targets = ["q_proj", "v_proj"]  # PEFT's default for the Llama / Mistral / Qwen2 families
+    if targets == "all-linear":
+        chosen = [c for c in pool if c.kind == "linear" and c.slot.fused is None
+                  and not any(_excluded(config, n) for n in c.names)]
+    else:
+        chosen = [c for c in pool
+                  if any(_name_matches(targets, n) for n in c.names)
+                  and not any(_excluded(config, n) for n in c.names)
+                  and _layer_ok(config, c.hf_name)]
+    by_group: dict[str, set[bool]] = {}
+    for c in chosen:
+        by_group.setdefault(c.group, set()).add(c.slot.fused is not None)
+    mixed = sorted(g for g, kinds in by_group.items() if kinds == {True, False})
+    if mixed:
+        raise ValueError(f"{mixed[0]} is targeted both as a fused layer and by its projections; "
+                         f"use either the Megatron name or the Hugging Face projection names")
+    return chosen
+
+
+def rank_and_alpha(config: LoraConfig, candidate: Candidate) -> tuple[int, float]:
+    """The (r, lora_alpha) of a candidate; a fused adapter needs one value over its names."""
+    if candidate.slot.fused is None:
+        names = (candidate.hf_name,)
+    elif any(re.match(rf"(.*\.)?({key})$", candidate.names[0]) for key in {**config.rank_pattern, **config.alpha_pattern}):
+        names = candidate.names  # a pattern names the fused Megatron layer itself
+    else:
+        names = candidate.slot.hf_names
+    ranks = {pattern_value(config.rank_pattern, n, config.r) for n in names}
+    alphas = {pattern_value(config.alpha_pattern, n, config.lora_alpha) for n in names}
+    if len(ranks) > 1 or len(alphas) > 1:
+        raise ValueError(f"rank_pattern / alpha_pattern give the projections of the fused layer "
+                         f"{candidate.names[0]} different values ({sorted(ranks)}, {sorted(alphas)}); "
+                         f"target the Hugging Face projection names to give them their own")
+    return ranks.pop(), alphas.pop()
