@@ -22,6 +22,8 @@ ADAPTERS = {
     "c": dict(r=2, lora_alpha=16, target_modules=["q_proj", "down_proj"]),  # fewer targets
     "d": dict(r=5, lora_alpha=3, target_modules=TARGETS),
     "e": dict(r=2, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "down_proj"]),
+    "saved_1": dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    "saved_2": dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
 }
 
 
@@ -118,3 +120,19 @@ def test_a_padded_adapter_refuses_training_checkpoints(saved, tmp_path):
     with pytest.raises(ValueError, match="save it with save_adapter / export_peft"):
         dl.save_training_state(model, optimizer, tmp_path / "state", step=0)
     assert not (tmp_path / "state").exists()
+
+
+def test_modules_to_save_copies_swap_in_place_and_other_sets_are_refused(saved):
+    tmp, ids, logits = saved
+    model = hf_model(TINY_CONFIGS["llama"])
+    dl.import_peft(model, tmp / "saved_1")
+    dl.enable_hotswap(model, target_rank=4)
+    storage = _storage(model)
+    dl.import_peft(model, tmp / "saved_2")
+    with torch.no_grad():
+        assert rel_error(model(ids).logits, logits["saved_2"]) <= 1e-5
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"modules_to_save=None differs from the loaded adapter's \(\['lm_head'\]\)"):
+        dl.import_peft(model, tmp / "c")
+    after = _state(model)
+    assert all(torch.equal(after[k], before[k]) for k in before) and _storage(model) == storage
