@@ -11,6 +11,9 @@
                                            Hugging Face checkpoint with the adapter merged
     dist-lora verify --base HF_DIR --adapter ADAPTER
                                            peft vs dist_lora logits on a sample
+    dist-lora convert-gguf FILE.gguf OUT_DIR [--dtype float32] [--overwrite]
+                                           GGUF checkpoint -> Hugging Face safetensors directory
+                                           with its tokenizer and chat template
 
 Each runs in one process (verify starts a one-rank process group of its own).
 """
@@ -25,6 +28,7 @@ import sys
 from pathlib import Path
 
 from dist_lora import __version__
+from dist_lora.checkpoint.gguf import convert_gguf
 
 
 def _inspect(args) -> int:
@@ -147,6 +151,12 @@ def _verify(args) -> int:
     return 0 if verdict else 1
 
 
+def _convert_gguf(args) -> int:
+    out = convert_gguf(args.file, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote Hugging Face model (safetensors, {args.dtype}) with its tokenizer to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dist-lora", description="dist_lora checkpoint tools")
     parser.add_argument("--version", action="version", version=f"dist-lora {__version__}")
@@ -177,9 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--seq", type=int, default=32)
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--tolerance", type=float, default=1e-4, help="allowed max difference, relative to max |logit|")
+    gguf = sub.add_parser("convert-gguf", help="GGUF checkpoint -> Hugging Face safetensors directory (+ tokenizer)")
+    gguf.add_argument("file", help="a .gguf file (llama, mistral or qwen2 architecture)")
+    gguf.add_argument("out", help="the model directory to write")
+    gguf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                      help="dtype of the dequantised weights")
+    gguf.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
+    commands = {"inspect": _inspect, "convert": _convert, "merge": _merge, "verify": _verify,
+                "convert-gguf": _convert_gguf}
     try:
-        return {"inspect": _inspect, "convert": _convert, "merge": _merge, "verify": _verify}[args.command](args)
+        return commands[args.command](args)
     except (OSError, ValueError, KeyError) as err:
         print(f"dist-lora {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -22,7 +22,8 @@ DEMO = ROOT / "configs" / "demo.yaml"
     (["parallel.tensor_parallel=2.5"], "config key parallel.tensor_parallel must be int"),
     (["model.hf_dir=/somewhere"], "exactly one of model.hf_dir and model.demo_config"),
     (["lora.r=0"], "config section lora: r must be a positive integer"),
-    (["data.format=csv"], "data.format must be text or jsonl"),
+    (["data.format=csv"], "data.format must be one of text, jsonl, chat, completion"),
+    (["data.packing=true"], "data.packing needs data.format chat or completion"),
     (["steps=3"], "unknown config key steps"),
     (["train.steps"], "must look like section.key=value"),
 ])
