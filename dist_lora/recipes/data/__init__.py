@@ -64,13 +64,12 @@ def recipe_data(config, base: Path | None, dp_size: int, dp_rank: int) -> Recipe
                 validation = Windows(train_cache, d.seq_len, total - held, held)
         else:
             docs = np.arange(len(train_cache))
+            held = 0 if eval_cache is not None else min(d.holdout_sequences, max(1, len(docs) // 10))
+            train = (Packed if d.packing else Padded)(train_cache, docs[: len(docs) - held], d.seq_len, d.truncate)
             if eval_cache is not None:
                 validation = Padded(eval_cache, np.arange(len(eval_cache)), d.seq_len, d.truncate)
             else:
-                held = min(d.holdout_sequences, max(1, len(docs) // 10))
                 validation = Padded(train_cache, docs[len(docs) - held:], d.seq_len, d.truncate)
-                docs = docs[: len(docs) - held]
-            train = (Packed if d.packing else Padded)(train_cache, docs, d.seq_len, d.truncate)
         if len(train) == 0:
             raise ValueError(f"{d.path} leaves no training samples once {len(validation)} are held out for "
                              f"validation; add data or set data.eval_path")

@@ -91,27 +91,33 @@ def build(path: Path, fmt: str, options: dict, tokenizer, target: Path, ident: d
     began = time.perf_counter()
     try:
         count = total = longest = 0
-        with open(tmp / "tokens.bin", "wb") as tokens, open(tmp / "mask.bin", "wb") as mask, \
-                open(tmp / "offsets.bin", "wb") as offsets, open(tmp / "lines.bin", "wb") as lines:
-            buffers: dict = {"tokens": [], "mask": [], "offsets": [0], "lines": []}
+        files = {name: open(tmp / f"{name}.bin", "wb") for name in ("tokens", "mask", "offsets", "lines")}
+        try:
+            files["offsets"].write(np.zeros(1, np.int64).tobytes())
+            pending: dict[str, list] = {name: [] for name in files}
+            buffered = 0
 
             def flush():
-                for name, handle, dtype in (("tokens", tokens, np.int32), ("mask", mask, np.uint8),
-                                            ("offsets", offsets, np.int64), ("lines", lines, np.int64)):
-                    np.asarray(buffers[name], dtype=dtype).tofile(handle)
-                    buffers[name] = []
+                for name, dtype in (("tokens", np.int32), ("mask", np.uint8), ("offsets", np.int64),
+                                    ("lines", np.int64)):
+                    if pending[name]:
+                        np.concatenate(pending[name]).astype(dtype, copy=False).tofile(files[name])
+                    pending[name] = []
 
             for doc in documents(path, fmt, tokenizer, options):
-                buffers["tokens"].extend(doc.tokens)
-                buffers["mask"].extend(doc.mask)
-                total += len(doc.tokens)
-                longest = max(longest, len(doc.tokens))
-                buffers["offsets"].append(total)
-                buffers["lines"].append(doc.line)
-                count += 1
-                if len(buffers["tokens"]) >= _FLUSH:
+                n = len(doc.tokens)
+                pending["tokens"].append(np.asarray(doc.tokens, np.int32))
+                pending["mask"].append(np.asarray(doc.mask, np.uint8))
+                total, longest, count, buffered = total + n, max(longest, n), count + 1, buffered + n
+                pending["offsets"].append(np.array([total], np.int64))
+                pending["lines"].append(np.array([doc.line], np.int64))
+                if buffered >= _FLUSH:
                     flush()
+                    buffered = 0
             flush()
+        finally:
+            for handle in files.values():
+                handle.close()
         if count == 0:
             raise ValueError(f"{path}: no {fmt} records (the file is empty); point data.path / data.eval_path at "
                              f"a file with data")

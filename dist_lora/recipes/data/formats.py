@@ -36,21 +36,21 @@ class Document:
     mask: list[int]
 
 
-def _paragraphs(path: Path) -> Iterator[tuple[int, str]]:
-    """(first line, text) of each non-blank block of ``path`` (exactly ``text.split("\\n\\n")``)."""
+def _paragraphs(path: Path) -> Iterator[tuple[int, str, int]]:
+    """(first line, text, size) of each non-blank block of ``path`` (exactly ``text.split("\\n\\n")``)."""
     with open(path, encoding="utf-8") as handle:
         buffer, line = "", 1
         for chunk in iter(lambda: handle.read(_CHUNK), ""):
             *blocks, buffer = (buffer + chunk).split("\n\n")
             for block in blocks:
                 if block.strip():
-                    yield line, block
+                    yield line, block, len(block)
                 line += block.count("\n") + 2
         if buffer.strip():
-            yield line, buffer
+            yield line, buffer, len(buffer)
 
 
-def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+def _json_lines(path: Path) -> Iterator[tuple[int, dict, int]]:
     with open(path, encoding="utf-8") as handle:
         for number, text in enumerate(handle, 1):
             if not text.strip():
@@ -61,7 +61,7 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
                 raise ValueError(f"{path}:{number}: not valid JSON ({err.msg}, column {err.colno})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{number}: a record must be a JSON object, got {type(record).__name__}")
-            yield number, record
+            yield number, record, len(text)
 
 
 def _field(record: dict, name: str, where: str) -> str:
@@ -170,7 +170,7 @@ def _chat(path: Path, records, tokenizer, options) -> list[Document]:
 
 @dataclass(frozen=True)
 class Format:
-    records: Callable[[Path], Iterator[tuple[int, object]]]  # (line, record) of a file, streamed
+    records: Callable[[Path], Iterator[tuple[int, object, int]]]  # (line, record, size) of a file, streamed
     encode: Callable  # (path, [(line, record)], tokenizer, options) -> [Document]
     stream: bool  # True: documents are joined and cut into windows (pre-training style)
 
@@ -183,14 +183,16 @@ FORMATS: dict[str, Format] = {
 }
 
 
-def documents(path: str | Path, fmt: str, tokenizer, options: dict, batch: int = 512) -> Iterator[Document]:
-    """The documents of ``path`` in ``fmt``, encoded ``batch`` records at a time."""
+def documents(path: str | Path, fmt: str, tokenizer, options: dict, batch_chars: int = 1 << 18) -> Iterator[Document]:
+    """The documents of ``path`` in ``fmt``, encoded in batches of about ``batch_chars`` characters
+    of records (memory stays bounded whatever the file's size)."""
     path, spec = Path(path), FORMATS[fmt]
-    pending = []
-    for item in spec.records(path):
-        pending.append(item)
-        if len(pending) == batch:
+    pending, chars = [], 0
+    for line, record, size in spec.records(path):
+        pending.append((line, record))
+        chars += size
+        if chars >= batch_chars:
             yield from spec.encode(path, pending, tokenizer, options)
-            pending = []
+            pending, chars = [], 0
     if pending:
         yield from spec.encode(path, pending, tokenizer, options)
