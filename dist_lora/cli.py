@@ -14,6 +14,8 @@
     dist-lora convert-gguf FILE.gguf OUT_DIR [--dtype float32] [--overwrite]
                                            GGUF checkpoint -> Hugging Face safetensors directory
                                            with its tokenizer and chat template
+    dist-lora tokenize RECIPE [section.key=value ...]
+                                           build a recipe's token caches ahead, in one process
 
 Each runs in one process (verify starts a one-rank process group of its own).
 """
@@ -29,6 +31,10 @@ from pathlib import Path
 
 from dist_lora import __version__
 from dist_lora.checkpoint.gguf import convert_gguf
+from dist_lora.parallel.collectives import RankError
+from dist_lora.recipes.config import load_config
+from dist_lora.recipes.data import ensure
+from dist_lora.recipes.data.cache import format_options
 
 
 def _inspect(args) -> int:
@@ -157,6 +163,20 @@ def _convert_gguf(args) -> int:
     return 0
 
 
+def _tokenize(args) -> int:
+    """The token caches a recipe's job would build (data.path and data.eval_path)."""
+    config = load_config(args.recipe, args.overrides)
+    d = config.data
+    base = config.model.hf_dir  # demo models have no tokenizer of their own: bytes
+    for path in [d.path] + ([d.eval_path] if d.eval_path else []):
+        try:
+            cache = ensure(path, d.format, format_options(d), d.tokenizer, base, d.cache_dir)
+        except RankError as err:
+            raise ValueError(str(err)) from None
+        print(f"{path}: {cache.meta['documents']} documents, {cache.meta['tokens']} tokens in {cache.directory}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dist-lora", description="dist_lora checkpoint tools")
     parser.add_argument("--version", action="version", version=f"dist-lora {__version__}")
@@ -193,9 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     gguf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                       help="dtype of the dequantised weights")
     gguf.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    tokenize = sub.add_parser("tokenize", help="build a recipe's token caches ahead (one process)")
+    tokenize.add_argument("recipe", help="recipe YAML")
+    tokenize.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     commands = {"inspect": _inspect, "convert": _convert, "merge": _merge, "verify": _verify,
-                "convert-gguf": _convert_gguf}
+                "convert-gguf": _convert_gguf, "tokenize": _tokenize}
     try:
         return commands[args.command](args)
     except (OSError, ValueError, KeyError) as err:

@@ -102,11 +102,11 @@ def finish(model, logits: Callable[[torch.Tensor], torch.Tensor], config: Finetu
     report = broadcast_object(report)
     if "FAILED" in report:
         code = 1
+    if rank == 0 and log.file.exists():
+        plot(log.file, out / "loss.png")
     log.close(out, exports[0])
     if rank == 0:
         print(report, flush=True)
-        if log.file.exists():
-            plot(log.file, out / "loss.png")
     return code
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_lora.parallel.collectives import RankError
-from dist_lora.recipes.data.cache import TokenFile, ensure
+from dist_lora.recipes.data.cache import TokenFile, ensure, format_options
 from dist_lora.recipes.data.formats import FORMATS, documents
 from dist_lora.recipes.data.samples import Batch, Batches, Packed, Padded, Windows, validation_batches
 from dist_lora.recipes.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
@@ -43,16 +43,12 @@ class RecipeData:
         return [int(self.validation.cache.lines[d]) for d in self.validation.docs]
 
 
-def _options(data) -> dict:
-    return {"text_field": data.text_field} if data.format == "jsonl" else {}
-
-
 def recipe_data(config, base: Path | None, dp_size: int, dp_rank: int) -> RecipeData:
     """Collective: the caches (built by rank 0 if missing) and this rank's batches. Bad data
     raises ``RankError`` on every rank, naming the file, line and field, before any training."""
     d, t = config.data, config.train
-    train_cache = ensure(d.path, d.format, _options(d), d.tokenizer, base, d.cache_dir)
-    eval_cache = ensure(d.eval_path, d.format, _options(d), d.tokenizer, base, d.cache_dir) if d.eval_path else None
+    train_cache = ensure(d.path, d.format, format_options(d), d.tokenizer, base, d.cache_dir)
+    eval_cache = ensure(d.eval_path, d.format, format_options(d), d.tokenizer, base, d.cache_dir) if d.eval_path else None
     try:
         if FORMATS[d.format].stream:
             if eval_cache is not None:

@@ -15,7 +15,9 @@ streams the file (a 1 GB JSONL is never held in memory), writes into a temporary
 renames it into place when complete, so a half-built cache is never read. In a job, rank 0
 builds while the others wait; every rank then maps the arrays read-only and reads only the
 rows it trains on. The cache directory must be visible to every rank (a shared file system
-across nodes, as for checkpoints).
+across nodes, as for checkpoints). The waiting ranks wait inside a collective, bounded by
+``DIST_LORA_TIMEOUT_S`` (1800 s): a file that takes longer to tokenise is prepared ahead with
+``dist-lora tokenize RECIPE``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ class TokenFile:
     def lengths(self) -> np.ndarray:
         """Tokens of each document, [N] int64."""
         return np.diff(self.offsets)
+
+
+def format_options(data) -> dict:
+    """The options of ``data.format`` that change its tokens (they key the cache)."""
+    return {"text_field": data.text_field} if data.format == "jsonl" else {}
 
 
 def identity(path: Path, fmt: str, options: dict, tokenizer_fingerprint: str) -> dict:
