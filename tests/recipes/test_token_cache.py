@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dist_lora.cli import main
 from dist_lora.parallel.collectives import RankError
 from dist_lora.recipes.data import ensure
 from dist_lora.recipes.data.cache import DIRNAME
-from tests.recipes.sft_fixtures import chat_records, make_base, write_jsonl
+from tests.recipes.sft_fixtures import chat_records, make_base, write_jsonl, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +93,18 @@ def test_building_streams_the_file(tmp_path):
         tracemalloc.stop()
     assert len(cache) == 6000 and len(cache.tokens) == 6000 * 4002
     assert peak < 30_000_000, f"peak {peak / 1e6:.0f} MB: the file or its tokens were held in memory"
+
+
+def test_dist_lora_tokenize_builds_the_caches_a_job_then_reuses(tmp_path, base, capfd):
+    train = write_jsonl(tmp_path / "train.jsonl", chat_records())
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", chat_records()[:2])
+    recipe = write_recipe(tmp_path / "recipe.yaml", base, train, "chat", evaluation)
+    assert main(["tokenize", str(recipe)]) == 0
+    out = capfd.readouterr()
+    assert out.err.count("tokenising") == 2 and f"{train}: 10 documents" in out.out
+    ensure(train, "chat", {}, "auto", base)
+    ensure(evaluation, "chat", {}, "auto", base)
+    assert "tokenising" not in capfd.readouterr().err
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "x"}]}])
+    assert main(["tokenize", str(recipe), f"data.path={bad}"]) == 2
+    assert f"{bad}:1: field 'messages' has no assistant turn" in capfd.readouterr().err
