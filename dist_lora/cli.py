@@ -11,6 +11,11 @@
                                            Hugging Face checkpoint with the adapter merged
     dist-lora verify --base HF_DIR --adapter ADAPTER
                                            peft vs dist_lora logits on a sample
+    dist-lora convert-gguf FILE.gguf OUT_DIR [--dtype float32] [--overwrite]
+                                           GGUF checkpoint -> Hugging Face safetensors directory
+                                           with its tokenizer and chat template
+    dist-lora tokenize RECIPE [section.key=value ...]
+                                           build a recipe's token caches ahead, in one process
 
 Each runs in one process (verify starts a one-rank process group of its own).
 """
@@ -30,11 +35,16 @@ from tqdm import tqdm
 
 from dist_lora import __version__, models, parallel
 from dist_lora.checkpoint.entries import is_training_state
+from dist_lora.checkpoint.gguf import convert_gguf
 from dist_lora.checkpoint.merge_release import merge_release
 from dist_lora.checkpoint.offline_reshard import reshard_checkpoint
 from dist_lora.checkpoint.peft_format import export_peft, import_peft
 from dist_lora.checkpoint.peft_to_sharded import peft_to_sharded
 from dist_lora.checkpoint.sharded import MANIFEST, load_adapter, read_manifest, sha256_of
+from dist_lora.parallel.collectives import RankError
+from dist_lora.recipes.config import load_config
+from dist_lora.recipes.data import ensure
+from dist_lora.recipes.data.cache import format_options
 
 
 def _inspect(args) -> int:
@@ -132,6 +142,26 @@ def _verify(args) -> int:
     return 0 if verdict else 1
 
 
+def _convert_gguf(args) -> int:
+    out = convert_gguf(args.file, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote Hugging Face model (safetensors, {args.dtype}) with its tokenizer to {out}")
+    return 0
+
+
+def _tokenize(args) -> int:
+    """The token caches a recipe's job would build (data.path and data.eval_path)."""
+    config = load_config(args.recipe, args.overrides)
+    d = config.data
+    base = config.model.hf_dir  # demo models have no tokenizer of their own: bytes
+    for path in [d.path] + ([d.eval_path] if d.eval_path else []):
+        try:
+            cache = ensure(path, d.format, format_options(d), d.tokenizer, base, d.cache_dir)
+        except RankError as err:
+            raise ValueError(str(err)) from None
+        print(f"{path}: {cache.meta['documents']} documents, {cache.meta['tokens']} tokens in {cache.directory}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dist-lora", description="dist_lora checkpoint tools")
     parser.add_argument("--version", action="version", version=f"dist-lora {__version__}")
@@ -162,9 +192,20 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--seq", type=int, default=32)
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--tolerance", type=float, default=1e-4, help="allowed max difference, relative to max |logit|")
+    gguf = sub.add_parser("convert-gguf", help="GGUF checkpoint -> Hugging Face safetensors directory (+ tokenizer)")
+    gguf.add_argument("file", help="a .gguf file (llama, mistral or qwen2 architecture)")
+    gguf.add_argument("out", help="the model directory to write")
+    gguf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                      help="dtype of the dequantised weights")
+    gguf.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    tokenize = sub.add_parser("tokenize", help="build a recipe's token caches ahead (one process)")
+    tokenize.add_argument("recipe", help="recipe YAML")
+    tokenize.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
+    commands = {"inspect": _inspect, "convert": _convert, "merge": _merge, "verify": _verify,
+                "convert-gguf": _convert_gguf, "tokenize": _tokenize}
     try:
-        return {"inspect": _inspect, "convert": _convert, "merge": _merge, "verify": _verify}[args.command](args)
+        return commands[args.command](args)
     except (OSError, ValueError, KeyError) as err:
         print(f"dist-lora {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -48,3 +48,34 @@ def save_tiny(config: dict | str | Path, out_dir: str | Path, seed: int = 0,
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(out_dir), **kwargs)
     return model
+
+
+# A ChatML template (SmolLM2 / Qwen style) that, like many real ones, rejects unknown roles.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHAT_SPECIALS = ("<unk>", "<pad>", "<|im_start|>", "<|im_end|>")
+CHAT_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:;?!'-\n"
+
+
+def save_chat_tokenizer(out_dir: str | Path, chat_template: str | None = CHATML_TEMPLATE):
+    """A character-level fast tokenizer (50 ids: 4 specials, then lower-case letters, digits,
+    space, punctuation, newline) with a ChatML ``chat_template``, built offline with ``tokenizers``
+    and saved to ``out_dir``; EOS is ``<|im_end|>``. Small enough for ``TINY_CONFIGS``' vocabularies."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(CHAT_SPECIALS + tuple(CHAT_CHARACTERS))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.add_special_tokens(list(CHAT_SPECIALS))
+    backend.decoder = decoders.Fuse()  # characters back to text, without spaces between them
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
+                                        bos_token="<|im_start|>", eos_token="<|im_end|>")
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
