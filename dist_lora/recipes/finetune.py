@@ -42,7 +42,8 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
         out.mkdir(parents=True, exist_ok=True)
         checkpoints.mkdir(parents=True, exist_ok=True)
     base = base_dir(config, out, groups.rank)
-    model = models.from_pretrained(base, dtype=torch.float32 if t.dtype == "float32" else torch.bfloat16)
+    model = models.from_pretrained(base, dtype=torch.float32 if t.dtype == "float32" else torch.bfloat16,
+                                   first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers)
     holdout, batches = training_data(config, base, groups.dp_size, groups.dp_rank)
     applied = adapter.apply(model, config, batches, out)  # and the 4-bit base, if any
 
