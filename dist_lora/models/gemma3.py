@@ -43,7 +43,8 @@ class Gemma3SelfAttention(SelfAttention):
 
     ``local_rope_base``: RoPE base of sliding-window layers (this layer is one when Megatron's
     ``is_layer_window_attention`` says so for its global ``layer_number``). Output: the normed
-    attention output ``[s, b, h]`` and ``None`` (Gemma has no linear biases).
+    attention output ``[s, b, h]`` (``[s/p, b, h]`` under sequence parallelism) and ``None``
+    (Gemma has no linear biases).
     """
 
     def __init__(self, config, submodules, layer_number: int, *args, local_rope_base: float = 10000.0, **kwargs):
