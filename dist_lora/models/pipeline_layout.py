@@ -2,16 +2,17 @@
 
 Megatron-Core gives the first and the last pipeline stage their own layer counts
 (``TransformerConfig.num_layers_in_first_pipeline_stage`` / ``num_layers_in_last_pipeline_stage``,
-present from megatron-core 0.10 through 0.19) and splits the remaining layers evenly over the
-middle stages. dist_lora uses exactly that mechanism, so every stage -> layer map here is one
+the same fields and rule in megatron-core 0.16.1 and 0.19.2) and splits the remaining layers
+evenly over the middle stages. dist_lora uses exactly that mechanism, so every stage -> layer map here is one
 Megatron can build:
 
 * nothing set and PP divides the layers: every stage holds ``L / PP`` layers;
 * nothing set and PP does not divide them (**balanced**, chosen automatically): the largest stage is
   as small as it can be. The middle stages hold ``ceil(L / PP)`` layers, or fewer where that leaves
   the first or last stage empty; the first and last stages share the rest, the first stage holding
-  the odd one. E.g. 3 layers on PP=2: ``[2, 1]``; 5: ``[3, 2]``; SmolLM2's 30 on PP=8:
-  ``[3, 4, 4, 4, 4, 4, 4, 3]``; Llama-3.1-405B's 126 on PP=16: ``[7, 8 x 14, 7]``;
+  the odd one. E.g. 3 layers on PP=2: ``[2, 1]``; 5: ``[3, 2]``; Qwen2.5-7B's 28 on PP=8:
+  ``[2, 4 x 6, 2]``; SmolLM2's 30 on PP=8: ``[3, 4 x 6, 3]``; Llama-3.1-405B's 126 on PP=16:
+  ``[7, 8 x 14, 7]``;
 * ``first_stage_layers`` and / or ``last_stage_layers`` set: those stages hold that many, the
   other stages split the rest evenly (Megatron's rule; the rest must divide evenly and leave no
   stage empty).
