@@ -16,9 +16,8 @@ layouts are loaded on the even (PP=1) ones that run later in the same processes.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
