@@ -3,9 +3,9 @@
     dist-lora inspect CKPT                 layout, adapter, ranks, parameter counts, checksums
     dist-lora convert CKPT OUT [--base-model NAME] [--overwrite]
                                            sharded checkpoint -> PEFT adapter directory
-    dist-lora convert CKPT OUT --tp N --pp M
+    dist-lora convert CKPT OUT --tp N --pp M [--first-stage-layers F] [--last-stage-layers L]
                                            sharded checkpoint -> the same for another layout
-    dist-lora convert PEFT_DIR OUT --base HF_DIR [--tp N --pp M]
+    dist-lora convert PEFT_DIR OUT --base HF_DIR [--tp N --pp M] [--first-stage-layers F] [...]
                                            PEFT adapter -> sharded checkpoint
     dist-lora merge --base HF_DIR --adapter ADAPTER --out DIR [--overwrite]
                                            Hugging Face checkpoint with the adapter merged
@@ -55,7 +55,10 @@ def _inspect(args) -> int:
     params = sum(math.prod(m["shape"]) for m in tensors.values())
     ranks = sorted({m["shape"][0] for m in tensors.values() if m["role"] == "lora_A"})
     print(f"checkpoint   {path}")
-    print(f"layout       TP={manifest['layout']['tp']} PP={manifest['layout']['pp']}, {len(manifest['files'])} shard files")
+    stages = manifest["layout"].get("stage_layers")
+    stages = f" (layers per stage: {', '.join(map(str, stages))})" if stages else ""
+    print(f"layout       TP={manifest['layout']['tp']} PP={manifest['layout']['pp']}{stages}, "
+          f"{len(manifest['files'])} shard files")
     print(f"adapter      {manifest['adapter_name']}: r={config['r']} lora_alpha={config['lora_alpha']} "
           f"dora={config['use_dora']} rslora={config['use_rslora']} ranks used={ranks}")
     print(f"target       {config['target_modules']}")
@@ -80,16 +83,22 @@ def _inspect(args) -> int:
     return 1 if bad else 0
 
 
+def _stages(args) -> dict:
+    return {"first_stage_layers": args.first_stage_layers, "last_stage_layers": args.last_stage_layers}
+
+
 def _convert(args) -> int:
     if not (Path(args.src) / MANIFEST).is_file():  # a PEFT adapter directory
         if args.base is None:
             raise ValueError("converting a PEFT adapter to a sharded checkpoint needs --base HF_DIR "
                              "(its config.json gives the Megatron layout)")
-        out = peft_to_sharded(args.src, args.base, args.dst, args.tp or 1, args.pp or 1, overwrite=args.overwrite)
+        out = peft_to_sharded(args.src, args.base, args.dst, args.tp or 1, args.pp or 1, overwrite=args.overwrite,
+                              **_stages(args))
         print(f"wrote sharded checkpoint for TP={args.tp or 1} PP={args.pp or 1} to {out}")
         return 0
-    if args.tp is not None or args.pp is not None:
-        out = reshard_checkpoint(args.src, args.dst, args.tp or 1, args.pp or 1, overwrite=args.overwrite)
+    if any(v is not None for v in (args.tp, args.pp, args.first_stage_layers, args.last_stage_layers)):
+        out = reshard_checkpoint(args.src, args.dst, args.tp or 1, args.pp or 1, overwrite=args.overwrite,
+                                 **_stages(args))
         print(f"wrote sharded checkpoint for TP={args.tp or 1} PP={args.pp or 1} to {out}")
         return 0
     out = export_peft(Path(args.src), Path(args.dst), base_model_name_or_path=args.base_model,
@@ -175,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("dst")
     convert.add_argument("--tp", type=int, default=None, help="re-lay the checkpoint for this TP size")
     convert.add_argument("--pp", type=int, default=None, help="re-lay the checkpoint for this PP size")
+    convert.add_argument("--first-stage-layers", type=int, default=None,
+                         help="layers of the first pipeline stage of the new layout (default: even / balanced)")
+    convert.add_argument("--last-stage-layers", type=int, default=None,
+                         help="layers of the last pipeline stage of the new layout (default: even / balanced)")
     convert.add_argument("--base", default=None, help="HF model directory (PEFT -> sharded: the Megatron layout)")
     convert.add_argument("--base-model", default=None, help="base_model_name_or_path for adapter_config.json")
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")

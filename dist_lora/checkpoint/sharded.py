@@ -106,6 +106,15 @@ def write_sharded(model, path: str | Path, adapter_name: str, mine: list[Entry],
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _layout(lay: dict) -> dict:
+    """The manifest's layout: TP and PP sizes, and the layers of each stage when PP > 1
+    (informational: loading places tensors by their global layer index, on any layout)."""
+    out = {"tp": lay["tp"], "pp": lay["pp"]}
+    if lay["pp"] > 1:
+        out["stage_layers"] = lay["stage_layers"]
+    return out
+
+
 def _write_manifest(tmp: Path, parts, config: LoraConfig, adapter_name: str, lay: dict, extra: dict) -> None:
     tensors, files = {}, {}
     for file, tp_rank, digests, described in parts:
@@ -114,7 +123,7 @@ def _write_manifest(tmp: Path, parts, config: LoraConfig, adapter_name: str, lay
             entry = tensors.setdefault(key, {**meta, "files": {}})
             entry["files"][file] = tp_rank
     manifest = {"format": FORMAT, "adapter_name": adapter_name, "adapter_config": config.to_dict(),
-                "layout": {"tp": lay["tp"], "pp": lay["pp"]}, "model_config": lay["model_config"],
+                "layout": _layout(lay), "model_config": lay["model_config"],
                 "files": dict(sorted(files.items())), "tensors": dict(sorted(tensors.items())), **extra}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 

@@ -9,6 +9,7 @@ two; see :mod:`dist_lora.recipes.adapter`). Overrides use the same dotted names:
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from dist_lora.config.lora import LoraConfig
+from dist_lora.models.spec import spec_from_config
 from dist_lora.recipes.adapter import adapter_config, check
 from dist_lora.recipes.data.formats import FORMATS
 
@@ -34,6 +36,10 @@ class ParallelSection:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     sequence_parallel: bool = False
+    # Layers of the first / last pipeline stage (the others split the rest evenly); null: every
+    # stage the same when pipeline_parallel divides the layers, else balanced automatically.
+    first_stage_layers: typing.Optional[int] = None
+    last_stage_layers: typing.Optional[int] = None
 
 
 @dataclass
@@ -174,5 +180,21 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
             raise ValueError(f"train.{name} must be >= 1")
     if config.train.eval_every < 0 or config.data.seq_len < 1:
         raise ValueError("train.eval_every must be >= 0 and data.seq_len >= 1")
+    _check_layout(config)
     check(config, runner=None)
     return config
+
+
+def _check_layout(config: FinetuneConfig) -> None:
+    """The parallel layout against the model's config.json, when it can be read here (a missing
+    model directory is reported by the job itself, on every rank)."""
+    m, p = config.model, config.parallel
+    source = Path(m.demo_config) if m.demo_config is not None else Path(m.hf_dir) / "config.json"
+    if not source.is_file():
+        return
+    try:
+        spec = spec_from_config(json.loads(source.read_text()))
+        spec.with_pipeline(p.first_stage_layers, p.last_stage_layers).check_layout(p.tensor_parallel,
+                                                                                   p.pipeline_parallel)
+    except ValueError as err:
+        raise ValueError(f"parallel section does not fit {source}: {err}") from err

@@ -70,7 +70,8 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
     base = base_dir(config, out, groups.rank)
     data = recipe_data(config, base, groups.dp_size, groups.dp_rank)  # bad data fails here, on every rank
     batches = data.train
-    model = models.from_pretrained(base, dtype=torch.float32 if t.dtype == "float32" else torch.bfloat16)
+    model = models.from_pretrained(base, dtype=torch.float32 if t.dtype == "float32" else torch.bfloat16,
+                                   first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers)
     applied = adapter.apply(model, config, batches, out)  # and the 4-bit base, if any
     held_out = validation_batches(data.validation, t.micro_batch_size * t.micro_batches, groups.dp_size,
                                   groups.dp_rank)

@@ -9,7 +9,11 @@ import torch
 
 # Small configs of each supported family. The Llama vocabulary (101) is prime, so no TP size
 # divides it; Mistral uses a sliding window shorter than the test sequences; Qwen2 has q/k/v
-# biases and tied embeddings.
+# biases and tied embeddings; Qwen3 has q/k norms and a head_dim (16) other than hidden / heads
+# (12); Gemma 3 has Gemma's real 262k vocabulary, a sliding window (4) shorter than the test
+# sequences on layers 0 and 1 and full attention on layer 2 (each with its own RoPE base), an
+# attention scale from query_pre_attn_scalar (24) other than head_dim, and tied embeddings.
+# The 3- and 5-layer Llamas have layer counts that PP=2 does not divide (uneven stages).
 TINY_CONFIGS: dict[str, dict] = {
     "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=101, hidden_size=64,
                   intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
@@ -22,7 +26,18 @@ TINY_CONFIGS: dict[str, dict] = {
                   intermediate_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
                   max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
                   use_sliding_window=False),
+    "qwen3": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=120, hidden_size=48,
+                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                  tie_word_embeddings=False, use_sliding_window=False),
+    "gemma3": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], vocab_size=262144,
+                   hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+                   sliding_window_pattern=3, max_position_embeddings=128, rms_norm_eps=1e-6,
+                   rope_theta=1000000.0, rope_local_base_freq=10000.0, tie_word_embeddings=True),
 }
+TINY_CONFIGS["llama_3_layers"] = dict(TINY_CONFIGS["llama"], num_hidden_layers=3)
+TINY_CONFIGS["llama_5_layers"] = dict(TINY_CONFIGS["llama"], num_hidden_layers=5)
 
 
 def hf_model(config: dict, seed: int = 0, std: float = 0.1):

@@ -26,10 +26,21 @@ DEMO = ROOT / "configs" / "demo.yaml"
     (["data.packing=true"], "data.packing needs data.format chat or completion"),
     (["steps=3"], "unknown config key steps"),
     (["train.steps"], "must look like section.key=value"),
+    (["parallel.tensor_parallel=3"], "tensor_parallel=3 does not divide num_attention_heads=8; valid tensor_parallel "
+                                     "sizes for this model: 1, 2, 4"),
+    (["parallel.tensor_parallel=1", "parallel.pipeline_parallel=2", "parallel.first_stage_layers=4"],
+     "parallel section does not fit .*tiny_llama.json: first_stage_layers=4 leaves 0 layer.* valid "
+     "first_stage_layers values here: 1, 2, 3"),
+    (["parallel.first_stage_layers=1"], "first_stage_layers / last_stage_layers need pipeline_parallel > 1"),
 ])
 def test_bad_configs_are_rejected_with_the_key_named(overrides, needle):
     with pytest.raises(ValueError, match=needle):
         load_config(DEMO, overrides)
+
+
+def test_pipeline_stage_layers_are_recipe_keys():
+    config = load_config(DEMO, ["parallel.pipeline_parallel=2", "parallel.last_stage_layers=1"])
+    assert (config.parallel.first_stage_layers, config.parallel.last_stage_layers) == (None, 1)
 
 
 def test_the_launcher_rejects_a_bad_config_before_starting_ranks(tmp_path):
