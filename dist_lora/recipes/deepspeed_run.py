@@ -27,8 +27,15 @@ from dist_lora.integrations import deepspeed as ds
 from dist_lora.models.training import IGNORE_INDEX
 from dist_lora.parallel.collectives import all_reduce_
 from dist_lora.recipes import adapter
-from dist_lora.recipes.common import (MetricsLog, base_dir, latest, learning_rate, point_latest, validation_due,
-                                      validation_loss)
+from dist_lora.recipes.common import (
+    MetricsLog,
+    base_dir,
+    latest,
+    learning_rate,
+    point_latest,
+    validation_due,
+    validation_loss,
+)
 from dist_lora.recipes.config import FinetuneConfig
 from dist_lora.recipes.data import recipe_data, validation_batches
 from dist_lora.recipes.report import finish

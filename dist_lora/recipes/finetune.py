@@ -22,11 +22,17 @@ import torch
 import dist_lora as dl
 from dist_lora import models, parallel
 from dist_lora.models.spec import read_spec, spec_from_config
-from dist_lora.models.training import (clip_grad_norm, finalize_grads, forward_backward, token_count,
-                                       use_megatron_ddp)
+from dist_lora.models.training import clip_grad_norm, finalize_grads, forward_backward, token_count, use_megatron_ddp
 from dist_lora.recipes import adapter
-from dist_lora.recipes.common import (MetricsLog, base_dir, latest, learning_rate, point_latest, validation_due,
-                                      validation_loss)
+from dist_lora.recipes.common import (
+    MetricsLog,
+    base_dir,
+    latest,
+    learning_rate,
+    point_latest,
+    validation_due,
+    validation_loss,
+)
 from dist_lora.recipes.config import FinetuneConfig
 from dist_lora.recipes.data import recipe_data, validation_batches
 from dist_lora.recipes.report import finish

@@ -15,8 +15,15 @@ from dist_lora.parallel.collectives import RankError
 from dist_lora.recipes.config import load_config
 from dist_lora.recipes.data import Packed, Padded, ensure, recipe_data
 from dist_lora.testing.tiny import CHATML_TEMPLATE
-from tests.recipes.sft_fixtures import (chat_records, completion_records, make_base, reference_document, shifted,
-                                        write_jsonl, write_recipe)
+from tests.recipes.sft_fixtures import (
+    chat_records,
+    completion_records,
+    make_base,
+    reference_document,
+    shifted,
+    write_jsonl,
+    write_recipe,
+)
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,15 @@ from dist_lora.recipes.config import load_config
 from dist_lora.recipes.data import recipe_data
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import peft_model, rel_error, trainable
-from tests.recipes.sft_fixtures import (chat_records, completion_records, make_base, reference_document, shifted,
-                                        write_jsonl, write_recipe)
+from tests.recipes.sft_fixtures import (
+    chat_records,
+    completion_records,
+    make_base,
+    reference_document,
+    shifted,
+    write_jsonl,
+    write_recipe,
+)
 
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
 GLOBAL_BATCH, MICRO = 8, 2  # samples per step (all DP ranks), rows per micro-batch

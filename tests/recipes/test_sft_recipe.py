@@ -17,8 +17,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dist_lora.recipes.config import load_config
 from dist_lora.recipes.finetune import check
 from dist_lora.testing.tiny import TINY_CONFIGS
-from tests.recipes.sft_fixtures import (chat_records, completion_records, make_base, reference_document, shifted,
-                                        write_jsonl, write_recipe)
+from tests.recipes.sft_fixtures import (
+    chat_records,
+    completion_records,
+    make_base,
+    reference_document,
+    shifted,
+    write_jsonl,
+    write_recipe,
+)
 from tests.recipes.test_finetune import ROOT, TORCHRUN, run_recipe, validation_rows
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
