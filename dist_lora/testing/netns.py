@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Sequence
@@ -62,10 +63,16 @@ def _namespaces() -> list[str]:
 
 
 def remove_stale() -> None:
-    """Delete the namespaces of instances whose creating process no longer runs."""
+    """Delete the namespaces of instances whose creating process no longer runs, after killing the
+    processes still inside them (by PID, from ``ip netns pids``: daemons a crashed test left)."""
     for name in _namespaces():
-        match = re.fullmatch(rf"{PREFIX}(\d+)-.*", name)
+        match = re.fullmatch(rf"{PREFIX}(\d+)(x\d+)?-.*", name)
         if match and not Path(f"/proc/{match.group(1)}").exists():
+            for pid in _ip("netns", "pids", name, check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
             _ip("netns", "delete", name, check=False)
 
 

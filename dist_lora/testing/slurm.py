@@ -14,8 +14,9 @@ started and stopped by PID):
 Both start one ``munged`` of their own (its socket in a directory of its own, shared by every
 daemon and client through ``AuthInfo=socket=``), so they never touch a system munged or each
 other. Both are context managers; ``start`` and ``stop`` are idempotent and ``stop`` stops
-exactly the daemons started (by PID) and removes namespaces and files. ``available()`` says why
-a cluster cannot run where the packages are missing or we are not root.
+exactly the daemons started (by PID) and removes namespaces and files; ``start`` also clears what
+an instance whose test process died left behind (its munged, namespaces and the daemons in them).
+``available()`` says why a cluster cannot run where the packages are missing or we are not root.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def available(hosts: bool = False) -> str | None:
     missing = [d for d in DAEMONS if shutil.which(d) is None and not Path(f"/usr/sbin/{d}").exists()]
     if missing:
         return f"Slurm is not installed ({', '.join(missing)} missing; apt-get install slurm-wlm munge)"
+    if shutil.which("setpriv") is None:
+        return "setpriv is missing (apt-get install util-linux); munged runs as user munge through it"
     if os.geteuid() != 0:
         return "starting slurmd and munged needs root"
     if not Path("/etc/munge/munge.key").exists():
@@ -59,7 +62,7 @@ class _Daemons:
 
     def start(self, name: str, cmd: Sequence[str], env: dict) -> subprocess.Popen:
         with open(self.dir / f"{name}.out", "w") as log:
-            proc = subprocess.Popen(list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
         self.procs.append((name, proc))
         return proc
 
@@ -84,6 +87,7 @@ class _Munge:
         self.socket = self.dir / "munge.socket"
 
     def start(self, daemons: _Daemons, env: dict) -> None:
+        self.remove_stale()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(mode=0o755, parents=True)
         shutil.chown(self.dir, "munge", "munge")
@@ -99,6 +103,22 @@ class _Munge:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    @staticmethod
+    def remove_stale() -> None:
+        """Stop the munged (by the PID in its directory) and remove the directory of instances whose
+        creating process no longer runs."""
+        for folder in Path("/run").glob("distlora-munge-*"):
+            owner = folder.name.split("-")[2]
+            if not owner.isdigit() or Path(f"/proc/{owner}").exists():
+                continue
+            try:
+                pid = int((folder / "munged.pid").read_text())
+                if str(folder).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def slurm_conf(directory: Path, controller: tuple[str, str], nodes: Sequence[tuple[str, str]], cpus: int,
