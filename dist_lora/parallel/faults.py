@@ -15,10 +15,13 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch.distributed as dist
+
 from dist_lora.parallel.collectives import all_gather_object, group_rank
 
 _LOST = ("closed by peer", "Connection reset", "reset by peer", "Broken pipe", "ECONNRESET", "EPIPE")
 _TIMED_OUT = ("timed out", "Timed out", "Timeout", "timeout")
+_BACKENDS = ("gloo", "NCCL", "nccl", "c10d", "ProcessGroup")  # a RuntimeError from a collective names one
 _PROBE_S = 2.0
 
 _table: list[tuple[str, str]] = []  # rank -> (host, address)
@@ -70,9 +73,10 @@ class Failure:
 def describe(err: BaseException) -> Failure | None:
     """What a failed collective means, naming the lost or silent ranks; ``None`` if ``err`` is not a
     communication failure (or :func:`record` did not run)."""
-    if not _table or not isinstance(err, RuntimeError):
-        return None
     text = str(err)
+    if not _table or not (isinstance(err, dist.DistError) or
+                          (isinstance(err, RuntimeError) and any(b in text for b in _BACKENDS))):
+        return None
     me = group_rank()
     first_line = text.strip().splitlines()[0].split(". ")[0] if text.strip() else type(err).__name__
     if any(word in text for word in _LOST):
