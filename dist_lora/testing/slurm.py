@@ -131,7 +131,8 @@ def slurm_conf(directory: Path, controller: tuple[str, str], nodes: Sequence[tup
         "ClusterName=distlora", f"SlurmctldHost={controller[0]}({controller[1]})", "SlurmUser=root",
         "SlurmdUser=root", "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={munge_socket}",
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_CPU", "SchedulerType=sched/builtin", "ReturnToService=2", "MpiDefault=none",
+        "SelectTypeParameters=CR_CPU", "SchedulerType=sched/builtin", "SchedulerParameters=sched_interval=2",
+        "ReturnToService=2", "MpiDefault=none",
         "AccountingStorageType=accounting_storage/none", "JobAcctGatherType=jobacct_gather/none",
         f"SlurmctldPort={ports[0]}", f"SlurmdPort={ports[1]}",
         f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool/%n",
@@ -208,8 +209,38 @@ class _Cluster:
             time.sleep(0.2)
         raise RuntimeError(f"job {job} is {state or 'gone'}, not running; see {self.dir}/slurmctld.log")
 
+    def _step_processes(self) -> list[int]:
+        """PIDs of the processes slurmd started for this cluster (slurmstepd and the tasks: they
+        carry this cluster's SLURM_CONF), which outlive slurmd."""
+        mine = f"SLURM_CONF={self.dir / 'slurm.conf'}".encode()
+        daemons = {proc.pid for _, proc in self.daemons.procs}
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) in daemons or int(proc.name) == os.getpid():
+                continue
+            try:
+                if mine in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+        return pids
+
     def stop(self) -> None:
+        """Cancel every job, stop the daemons and then whatever they left running, all by PID."""
+        if any(name == "slurmctld" and proc.poll() is None for name, proc in self.daemons.procs):
+            try:
+                self.run(["scancel", "--full", "--user=root"], timeout=30)
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline and self.run(["squeue", "-h"], timeout=30).stdout.strip():
+                    time.sleep(0.2)
+            except subprocess.TimeoutExpired:
+                pass  # the controller does not answer: the processes are killed below all the same
         self.daemons.stop()
+        for pid in self._step_processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.munge.remove()
         self.started = False
 

@@ -4,6 +4,7 @@ left behind (daemons stopped by PID, namespaces, munge directory and files remov
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,25 @@ def test_namespaces_of_a_dead_instance_are_removed(tmp_path):
     assert stale.netns["a"] in _namespaces()
     netns.remove_stale()
     assert not {stale.netns["a"], stale.switch} & _namespaces()
+
+
+def test_stopping_with_a_job_running_leaves_no_step_behind(tmp_path):
+    reason = slurm.available()
+    if reason:
+        pytest.skip(reason)
+    with slurm.LoopbackSlurm(tmp_path / "cluster") as cluster:
+        job = cluster.run(["sbatch", "--parsable", "--wrap", "sleep 600"], timeout=60).stdout.strip()
+        cluster.wait_running(job)
+        deadline = time.monotonic() + 30
+        while not cluster._step_processes() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = cluster._step_processes()  # slurmstepd and the batch script's sleep
+        assert left
+    assert not [pid for pid in left if Path(f"/proc/{pid}").exists() and _state(pid) != "Z"]
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
