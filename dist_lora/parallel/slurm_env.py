@@ -174,4 +174,5 @@ def cancel_step(env: Mapping[str, str] = os.environ) -> str | None:
         return f"scancel {job}.{step} did not return (the controller is unreachable from here)"
     if done.returncode:
         return f"scancel {job}.{step} failed: {done.stderr.strip()}"
-    return f"cancelled Slurm step {job}.{step}, so that srun does not wait for the silent node until Slurm's node timeout"
+    return (f"cancelled Slurm step {job}.{step}, so that srun does not wait for the silent node until Slurm's "
+            f"node timeout")

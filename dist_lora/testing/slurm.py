@@ -92,7 +92,8 @@ class _Munge:
         self.dir.mkdir(mode=0o755, parents=True)
         shutil.chown(self.dir, "munge", "munge")
         d = self.dir
-        daemons.start("munged", ["setpriv", "--reuid=munge", "--regid=munge", "--init-groups", _binary("munged"), "--foreground", "--force",
+        daemons.start("munged", ["setpriv", "--reuid=munge", "--regid=munge", "--init-groups", _binary("munged"),
+                                 "--foreground", "--force",
                                  f"--socket={self.socket}", f"--pid-file={d}/munged.pid", f"--seed-file={d}/seed",
                                  f"--log-file={d}/munged.log"], env)
         deadline = time.monotonic() + 20
@@ -106,9 +107,9 @@ class _Munge:
 
     @staticmethod
     def remove_stale() -> None:
-        """Stop the munged (by the PID in its directory) and remove the directory of instances whose
-        creating process no longer runs."""
-        for folder in Path("/run").glob("distlora-munge-*"):
+        """Stop the munged (by the PID in its directory) and remove the munge and spool directories
+        of instances whose creating process no longer runs."""
+        for folder in [*Path("/run").glob("distlora-munge-*"), *Path("/run").glob("distlora-slurm-*")]:
             owner = folder.name.split("-")[2]
             if not owner.isdigit() or Path(f"/proc/{owner}").exists():
                 continue
@@ -122,9 +123,11 @@ class _Munge:
 
 
 def slurm_conf(directory: Path, controller: tuple[str, str], nodes: Sequence[tuple[str, str]], cpus: int,
-               munge_socket: Path, ports: tuple[int, int] = (6817, 6818), extra: Sequence[str] = ()) -> str:
+               munge_socket: Path, spool: Path, ports: tuple[int, int] = (6817, 6818),
+               extra: Sequence[str] = ()) -> str:
     """A minimal ``slurm.conf``: no accounting, ``proctrack/linuxproc``, ``select/cons_tres`` over CPUs;
-    ``controller`` and ``nodes`` are (name, address); per-node files use ``%n``."""
+    ``controller`` and ``nodes`` are (name, address); per-node files use ``%n``. ``spool`` holds
+    slurmstepd's Unix sockets, whose paths must stay under 108 bytes (so not below a test's tmp_path)."""
     d = directory
     names = ",".join(name for name, _ in nodes)
     return "\n".join([
@@ -135,7 +138,7 @@ def slurm_conf(directory: Path, controller: tuple[str, str], nodes: Sequence[tup
         "ReturnToService=2", "MpiDefault=none",
         "AccountingStorageType=accounting_storage/none", "JobAcctGatherType=jobacct_gather/none",
         f"SlurmctldPort={ports[0]}", f"SlurmdPort={ports[1]}",
-        f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool/%n",
+        f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={spool}/%n",
         f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd.%n.pid",
         f"SlurmctldLogFile={d}/slurmctld.log", f"SlurmdLogFile={d}/slurmd.%n.log", *extra,
         *(f"NodeName={name} NodeAddr={addr} CPUs={cpus} State=UNKNOWN" for name, addr in nodes),
@@ -152,7 +155,9 @@ class _Cluster:
         self.cpus = cpus or os.cpu_count() or 1
         self.env = dict(os.environ, SLURM_CONF=str(self.dir / "slurm.conf"))
         self.daemons = _Daemons(self.dir)
-        self.munge = _Munge(f"{os.getpid()}-{abs(hash(str(self.dir))) % 10 ** 6}")
+        tag = f"{os.getpid()}-{abs(hash(str(self.dir))) % 10 ** 6}"
+        self.munge = _Munge(tag)
+        self.spool = Path(f"/run/distlora-slurm-{tag}")
         self.started = False
 
     def _conf(self) -> str:
@@ -173,8 +178,8 @@ class _Cluster:
         if self.started:
             return self
         self.stop()
-        for sub in ("state", "spool"):
-            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        (self.dir / "state").mkdir(parents=True, exist_ok=True)
+        self.spool.mkdir(parents=True, exist_ok=True)
         try:
             self.munge.start(self.daemons, self.env)
             (self.dir / "slurm.conf").write_text(self._conf())
@@ -242,6 +247,7 @@ class _Cluster:
             except ProcessLookupError:
                 pass
         self.munge.remove()
+        shutil.rmtree(self.spool, ignore_errors=True)
         self.started = False
 
     def __enter__(self):
@@ -258,7 +264,7 @@ class LoopbackSlurm(_Cluster):
 
     def _conf(self) -> str:
         return slurm_conf(self.dir, ("localhost", "127.0.0.1"), [("localhost", "127.0.0.1")], self.cpus,
-                          self.munge.socket, ports=(free_port(), free_port()))
+                          self.munge.socket, self.spool, ports=(free_port(), free_port()))
 
     def _start_daemons(self) -> None:
         conf = str(self.dir / "slurm.conf")
@@ -286,7 +292,7 @@ class TwoNodeSlurm(_Cluster):
     def _conf(self) -> str:
         a = self.hosts.address
         return slurm_conf(self.dir, ("ctl", a["ctl"]), [(n, a[n]) for n in self.nodes], self.cpus,
-                          self.munge.socket, extra=self.extra)
+                          self.munge.socket, self.spool, extra=self.extra)
 
     def _start_daemons(self) -> None:
         self.hosts.start()

@@ -42,7 +42,8 @@ def test_two_node_cluster_starts_runs_a_step_on_both_hosts_and_leaves_nothing(tm
         cluster.stop()
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
     assert not (set(hosts.netns.values()) | {hosts.switch}) & _namespaces()
-    assert not cluster.munge.dir.exists() and not list((tmp_path / "cluster" / "hosts").glob("hosts.*"))
+    assert not cluster.munge.dir.exists() and not cluster.spool.exists()
+    assert not list((tmp_path / "cluster" / "hosts").glob("hosts.*"))
 
 
 def test_namespaces_of_a_dead_instance_are_removed(tmp_path):
