@@ -62,7 +62,8 @@ def test_stopping_with_a_job_running_leaves_no_step_behind(tmp_path):
     if reason:
         pytest.skip(reason)
     with slurm.LoopbackSlurm(tmp_path / "cluster") as cluster:
-        job = cluster.run(["sbatch", "--parsable", "--wrap", "sleep 600"], timeout=60).stdout.strip()
+        job = cluster.run(["sbatch", "--parsable", f"--output={tmp_path / 'job.out'}", "--wrap", "sleep 600"],
+                          timeout=60).stdout.strip()
         cluster.wait_running(job)
         deadline = time.monotonic() + 30
         while not cluster._step_processes() and time.monotonic() < deadline:
