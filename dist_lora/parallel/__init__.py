@@ -2,6 +2,6 @@
 
 from dist_lora.parallel.groups import ParallelGroups
 from dist_lora.parallel.initialize import current_groups, initialize, shutdown
-from dist_lora.parallel.launch_env import LaunchEnv, detect
+from dist_lora.parallel.launch_env import LaunchEnv, LaunchError, detect
 
-__all__ = ["LaunchEnv", "ParallelGroups", "current_groups", "detect", "initialize", "shutdown"]
+__all__ = ["LaunchEnv", "LaunchError", "ParallelGroups", "current_groups", "detect", "initialize", "shutdown"]

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from dist_lora.integrations import megatron_cpu
 from dist_lora.integrations.megatron import model_parallel_cuda_manual_seed, parallel_state
+from dist_lora.parallel import faults, rendezvous
 from dist_lora.parallel.groups import ParallelGroups
-from dist_lora.parallel.launch_env import detect
+from dist_lora.parallel.launch_env import LaunchEnv, detect
 
 DEFAULT_TIMEOUT_S = 1800
+_TORCH_DEFAULTS = (c10d.default_pg_timeout, c10d.default_pg_nccl_timeout)
 
 _current: ParallelGroups | None = None
 
@@ -39,6 +43,34 @@ def _validate(world: int, tensor_parallel: int, pipeline_parallel: int, sequence
         raise ValueError("sequence_parallel=True needs tensor_parallel > 1 (it shards the sequence over TP)")
 
 
+def _default_group_timeout(timeout: datetime.timedelta | None) -> None:
+    """Make ``timeout`` torch's default for groups created without one (``new_group(timeout=None)``,
+    as DeepSpeed creates them); ``None`` restores torch's own defaults."""
+    c10d.default_pg_timeout, c10d.default_pg_nccl_timeout = (timeout, timeout) if timeout else _TORCH_DEFAULTS
+
+
+def _start(env: LaunchEnv, backend: str, timeout_s: float) -> str:
+    """Start the default process group from ``env``; the address this rank communicates from."""
+    master_ip = rendezvous.resolve(env.master_addr, env.origin)
+    peers = [host for host in env.peers if host != env.host]
+    interface = os.environ.get("GLOO_SOCKET_IFNAME")
+    if backend == "gloo" and not interface and env.world_size > 1:
+        interface = rendezvous.gloo_interface(master_ip, peers)
+        if interface:
+            os.environ["GLOO_SOCKET_IFNAME"] = interface  # read by every gloo group torch creates
+    address = rendezvous.address_of(interface) if interface else None
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if env.owns_store:
+        store = rendezvous.open_store(env.master_addr, env.master_port, env.rank, env.world_size, env.token,
+                                      timeout_s, env.origin)
+        dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size,
+                                timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                                rank=env.rank, world_size=env.world_size, timeout=timeout)
+    return address or rendezvous.source_address(master_ip) or master_ip
+
+
 def initialize(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
@@ -54,30 +86,33 @@ def initialize(
     backend is nccl with CUDA and gloo without. Calling ``initialize`` again with another layout
     tears down Megatron's parallel state and builds the new one on the same processes.
 
-    ``timeout_s`` bounds every collective (default ``$DIST_LORA_TIMEOUT_S`` or 1800 s): a rank
-    that dies makes the others fail within it instead of hanging.
+    ``timeout_s`` (default ``$DIST_LORA_TIMEOUT_S`` or 1800 s) bounds the rendezvous and every
+    collective of every process group of the job: the default group, Megatron's TP / PP / DP /
+    model-parallel groups, and any group created later without a timeout of its own (DeepSpeed's),
+    so a lost rank or a cut link makes the others fail within it instead of hanging. Launcher
+    problems (a name that does not resolve, a port in use, an inconsistent Slurm environment) raise
+    :class:`~dist_lora.parallel.launch_env.LaunchError` before any wait; see
+    :mod:`dist_lora.parallel.rendezvous`.
     """
     global _current
 
+    timeout = float(timeout_s or os.environ.get("DIST_LORA_TIMEOUT_S", DEFAULT_TIMEOUT_S))
     if not dist.is_initialized():
         env = detect()
         _validate(env.world_size, tensor_parallel, pipeline_parallel, sequence_parallel)
-        timeout = timeout_s or float(os.environ.get("DIST_LORA_TIMEOUT_S", DEFAULT_TIMEOUT_S))
         chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-        dist.init_process_group(
-            backend=chosen,
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=datetime.timedelta(seconds=timeout),
-        )
+        address = _start(env, chosen, timeout)
         launcher, local_rank = env.launcher, env.local_rank
     else:
         _validate(dist.get_world_size(), tensor_parallel, pipeline_parallel, sequence_parallel)
         launcher = "external"
         local_rank = _current.local_rank if _current is not None else int(os.environ.get("LOCAL_RANK", 0))
+        address = None
+    _default_group_timeout(datetime.timedelta(seconds=timeout))
+    if address is not None:
+        faults.record(os.environ.get("SLURMD_NODENAME") or socket.gethostname(), address, timeout)
 
     megatron_cpu.install()
     if parallel_state.model_parallel_is_initialized():
@@ -86,6 +121,7 @@ def initialize(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         create_gloo_process_groups=False,
+        distributed_timeout_minutes=timeout / 60,  # Megatron's groups would otherwise wait 30 minutes
     )
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     if megatron_cpu.cuda_present():
@@ -121,6 +157,8 @@ def shutdown() -> None:
     """Tear down Megatron's parallel state and the process group (safe to call twice)."""
     global _current
     _current = None
+    faults.forget()
+    _default_group_timeout(None)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

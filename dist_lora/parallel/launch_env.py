@@ -4,25 +4,32 @@ Supported launchers, checked in this order (the first that applies wins):
 
 1. ``torchrun`` (and anything that sets the same variables): ``RANK``, ``WORLD_SIZE``,
    ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``.
-2. Slurm ``srun``: ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID`` and the first host of
-   ``SLURM_JOB_NODELIST`` as rendezvous host. The port is ``MASTER_PORT`` when set, otherwise
-   derived from ``SLURM_JOB_ID`` so that every task computes the same one without talking.
-3. MPI: Open MPI (``OMPI_COMM_WORLD_*``), MPICH/Hydra and Intel MPI (``PMI_RANK``,
+2. MPI: Open MPI (``OMPI_COMM_WORLD_*``), MPICH/Hydra and Intel MPI (``PMI_RANK``,
    ``PMI_SIZE``, ``MPI_LOCALRANKID``). Without ``MASTER_ADDR``/``MASTER_PORT`` rank 0 picks a
-   free port and broadcasts it with mpi4py (the ``mpi`` extra).
+   free port and broadcasts it with mpi4py (the ``mpi`` extra). Under ``srun --mpi=...`` both
+   MPI's and Slurm's variables describe the same ranks and Slurm's rendezvous is used; where they
+   differ (``mpiexec`` inside a Slurm step) MPI started this process and its ranks count.
+3. Slurm ``srun``: the step's tasks and nodes (:mod:`dist_lora.parallel.slurm_env`: ranks from
+   ``SLURM_PROCID`` of ``SLURM_STEP_NUM_TASKS``, the rendezvous on the first node of
+   ``SLURM_STEP_NODELIST``, a port of the step's own unless ``MASTER_PORT`` is set; a process of
+   a job outside any step is refused when the job has several tasks).
 4. Nothing: a single process on loopback with a free port.
 
-This module reads the environment only; it never starts a process group.
+``MASTER_ADDR`` always overrides the rendezvous host, ``MASTER_PORT`` the port. This module
+reads the environment only; it never starts a process group.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import socket
+import uuid
 from dataclasses import dataclass
 
+from dist_lora.parallel.slurm_env import LaunchError, SlurmStep, expand_nodelist, read_step, step_port
+
 LOOPBACK = "127.0.0.1"
+__all__ = ["LOOPBACK", "LaunchEnv", "LaunchError", "detect", "first_host", "free_port"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,15 @@ class LaunchEnv:
     master_addr: str
     master_port: int
     launcher: str  # "torchrun" | "slurm" | "mpi" | "single"
+    token: str = ""  # who the rendezvous belongs to (a Slurm job and step, or random); "" under torchrun
+    origin: str = ""  # where master_addr / master_port came from, for error messages
+    peers: tuple[str, ...] = ()  # the job's hosts where known (a Slurm step's nodes)
+    host: str = ""  # this process's host name
+
+    @property
+    def owns_store(self) -> bool:
+        """Whether rank 0 serves the store (everything but torchrun, whose agent serves it)."""
+        return self.launcher != "torchrun"
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -46,14 +62,7 @@ def free_port(host: str = LOOPBACK) -> int:
 
 def first_host(nodelist: str) -> str:
     """First host name of a Slurm node list such as ``node[03-05,9],gpu1``."""
-    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if head is None:
-        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, _, ranges = head.groups()
-    if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return expand_nodelist(nodelist)[0]
 
 
 def _int_env(*names: str) -> int | None:
@@ -62,16 +71,16 @@ def _int_env(*names: str) -> int | None:
         if value not in (None, ""):
             try:
                 return int(value)
-            except ValueError as err:
-                raise ValueError(f"environment variable {name}={value!r} is not an integer") from err
+            except ValueError:
+                raise LaunchError(f"environment variable {name}={value!r} is not an integer") from None
     return None
 
 
-def _mpi_rendezvous(rank: int) -> tuple[str, int]:
+def _mpi_rendezvous(rank: int) -> tuple[str, int, str]:
     addr = os.environ.get("MASTER_ADDR")
     port = _int_env("MASTER_PORT")
     if addr and port:
-        return addr, port
+        return addr, port, "mpi"
     try:
         from mpi4py import MPI
     except ImportError as err:
@@ -83,7 +92,7 @@ def _mpi_rendezvous(rank: int) -> tuple[str, int]:
     choice = None
     if rank == 0:
         host = addr or (LOOPBACK if comm.Get_size() == 1 or _single_node_mpi() else socket.gethostname())
-        choice = (host, port or free_port("" if host != LOOPBACK else LOOPBACK))
+        choice = (host, port or free_port("" if host != LOOPBACK else LOOPBACK), uuid.uuid4().hex)
     return comm.bcast(choice, root=0)
 
 
@@ -93,8 +102,21 @@ def _single_node_mpi() -> bool:
     return local is not None and local == size
 
 
+def _slurm(step: SlurmStep) -> LaunchEnv:
+    addr = os.environ.get("MASTER_ADDR")
+    port = _int_env("MASTER_PORT")
+    origin = "MASTER_ADDR" if addr else f"the first node of SLURM_STEP_NODELIST={os.environ.get('SLURM_STEP_NODELIST')}"
+    origin += ", MASTER_PORT" if port else f", port of job {step.job_id} step {step.step_id}"
+    addr = addr or step.nodes[0]
+    return LaunchEnv(step.rank, step.world_size, step.local_rank, LOOPBACK if addr == "localhost" else addr,
+                     port or step_port(step.job_id, step.step_id), "slurm", step.token, origin, step.nodes,
+                     step.node)
+
+
 def detect() -> LaunchEnv:
-    """Read rank and rendezvous from the environment (see the module docstring)."""
+    """Read rank and rendezvous from the environment (see the module docstring); :class:`LaunchError`
+    naming the variable where it is inconsistent."""
+    host = socket.gethostname()
     rank = _int_env("RANK")
     world = _int_env("WORLD_SIZE")
     if rank is not None and world is not None:
@@ -105,21 +127,22 @@ def detect() -> LaunchEnv:
             master_addr=os.environ.get("MASTER_ADDR", LOOPBACK),
             master_port=_int_env("MASTER_PORT") or 29500,
             launcher="torchrun",
+            origin="MASTER_ADDR, MASTER_PORT",
+            host=host,
         )
-    rank = _int_env("SLURM_PROCID")
-    world = _int_env("SLURM_NTASKS", "SLURM_NPROCS")
-    if rank is not None and world is not None:
-        nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST") or "localhost"
-        addr = os.environ.get("MASTER_ADDR") or first_host(nodelist)
-        if addr == "localhost":
-            addr = LOOPBACK
-        job = _int_env("SLURM_JOB_ID") or 0
-        port = _int_env("MASTER_PORT") or 15000 + job % 20000
-        return LaunchEnv(rank, world, _int_env("SLURM_LOCALID") or 0, addr, port, "slurm")
     rank = _int_env("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
     world = _int_env("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
     if rank is not None and world is not None:
-        local = _int_env("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID") or 0
-        addr, port = _mpi_rendezvous(rank)
-        return LaunchEnv(rank, world, local, addr, port, "mpi")
-    return LaunchEnv(0, 1, 0, LOOPBACK, free_port(), "single")
+        try:
+            step = read_step()
+        except LaunchError:  # e.g. mpiexec in a batch script: MPI started this process
+            step = None
+        if step is None or (rank, world) != (step.rank, step.world_size):
+            local = _int_env("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID") or 0
+            addr, port, token = _mpi_rendezvous(rank)
+            return LaunchEnv(rank, world, local, addr, port, "mpi", token,
+                             "MASTER_ADDR, MASTER_PORT or rank 0's choice", host=host)
+    step = read_step()
+    if step is not None:
+        return _slurm(step)
+    return LaunchEnv(0, 1, 0, LOOPBACK, free_port(), "single", uuid.uuid4().hex, "a single process", host=host)

@@ -13,8 +13,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from dist_lora import parallel
+from dist_lora.parallel import faults
 from dist_lora.parallel.collectives import RankError, broadcast_object, group_rank
+from dist_lora.parallel.launch_env import LaunchError
+from dist_lora.parallel.slurm_env import cancel_step
+from dist_lora.recipes import paths
 from dist_lora.recipes.config import FinetuneConfig, load_config
 from dist_lora.recipes.data import Batch
 from dist_lora.testing.tiny import save_tiny
@@ -127,27 +133,48 @@ def validation_loss(batches: list[Batch], evaluate: Callable[[Batch], tuple[floa
 
 
 def launcher_main(doc: str, argv: list[str] | None, run_name: str) -> int:
-    """The command line of a launch/ script: ``--config``, ``--resume`` and ``section.key=value``
-    overrides; the recipe (and the runner's own checks, ``check(config)`` in the runner module) is
-    validated before any process group starts, exiting 2 with the bad key named."""
+    """The command line of a launch/ script: ``--config``, ``--resume``, ``--check`` and
+    ``section.key=value`` overrides. The recipe, its paths (:mod:`dist_lora.recipes.paths`) and the
+    runner's own checks (``check(config)`` in the runner module) are validated before any process
+    group starts, exiting 2 with the bad key named (``--check``: then exit 0 without starting).
+    A launcher problem (:class:`~dist_lora.parallel.launch_env.LaunchError`) exits 2 and a lost or
+    silent peer 1, each with one line that names it instead of a traceback."""
     import importlib
 
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="recipe YAML")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--check", action="store_true", help="validate the recipe and its paths, then exit")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     runner = importlib.import_module(f"dist_lora.recipes.{run_name}")
+    prog = Path(sys.argv[0]).stem
     try:
         config = load_config(args.config, args.overrides)
+        paths.check(config)
         runner.check(config)
     except (OSError, ValueError) as err:
-        print(f"{Path(sys.argv[0]).stem}: config error: {err}", file=sys.stderr)
+        print(f"{prog}: config error: {err}", file=sys.stderr)
         return 2
+    if args.check:
+        return 0
     try:
         return runner.run(config, resume=args.resume)
+    except LaunchError as err:
+        print(f"{prog}: launch error: {err}", file=sys.stderr, flush=True)
+        return 2
     except RankError as err:  # raised on every rank together (bad input found after start): say it once
         if group_rank() == 0:
-            print(f"{Path(sys.argv[0]).stem}: error: {err}", file=sys.stderr, flush=True)
+            print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
         parallel.shutdown()
+        return 1
+    except RuntimeError as err:
+        failure = faults.describe(err)
+        if failure is None:
+            raise
+        print(f"\n{prog}: rank {group_rank()}: {failure.message}", file=sys.stderr, flush=True)
+        if failure.silent:
+            done = cancel_step()
+            if done:
+                print(f"{prog}: rank {group_rank()}: {done}", file=sys.stderr, flush=True)
         return 1

@@ -4,6 +4,7 @@ Every key is known and typed; a wrong one is rejected with its dotted name (``tr
 float, got 'fast'``), so a typo never reaches a job of many ranks. ``lora`` holds
 ``dist_lora.LoraConfig`` fields, or ``adalora`` ``dist_lora.AdaLoraConfig`` fields (one of the
 two; see :mod:`dist_lora.recipes.adapter`). Overrides use the same dotted names: ``train.steps=20``.
+Paths become absolute (relative ones in the file are relative to the file; :mod:`dist_lora.recipes.paths`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dist_lora.config.lora import LoraConfig
 from dist_lora.models.spec import spec_from_config
 from dist_lora.recipes.adapter import adapter_config, check
 from dist_lora.recipes.data.formats import FORMATS
+from dist_lora.recipes import paths
 
 
 @dataclass
@@ -158,9 +160,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
     """Read, override and validate a recipe; ``ValueError`` names the first bad key."""
     text = Path(path).read_text()
     data = yaml.safe_load(text) or {}
+    from_file = {key for key in paths.KEYS if isinstance(data, dict) and paths.in_file(data, key)}
     for override in overrides:
         _apply_override(data, override)
+        from_file.discard(override.split("=", 1)[0])
     config = _build(FinetuneConfig, data, "")
+    paths.resolve(config, from_file, Path(path).resolve().parent)  # absolute; checked by paths.check
     if (config.model.hf_dir is None) == (config.model.demo_config is None):
         raise ValueError("config needs exactly one of model.hf_dir and model.demo_config")
     if config.data.format not in FORMATS:

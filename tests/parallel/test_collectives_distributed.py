@@ -3,8 +3,13 @@ and backward, plus the agreement helpers that keep ranks out of one-sided collec
 
 from __future__ import annotations
 
+import datetime
+import os
+
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from dist_lora.parallel import collectives as C
 from dist_lora.testing import check, distributed_tests
@@ -85,6 +90,21 @@ def check_same_on_all_ranks_detects_divergence(ctx):
     C.check_same_on_all_ranks({"r": 8}, what="config")
     with pytest.raises(C.RankError, match=r"config differs between ranks: ranks \[1, 3\]"):
         C.check_same_on_all_ranks({"r": 8 + ctx.groups.rank % 2}, what="config")
+
+
+@check("tp2", "tp2-pp2")
+def every_process_group_waits_the_jobs_timeout(ctx):
+    """The default group, every Megatron group and a group created later without a timeout (as
+    DeepSpeed creates them) wait DIST_LORA_TIMEOUT_S (120 s in this harness), not 30 minutes."""
+    want = datetime.timedelta(seconds=float(os.environ["DIST_LORA_TIMEOUT_S"]))
+
+    def timeout(group):
+        return group._get_backend(torch.device("cpu")).options._timeout
+
+    g = ctx.groups
+    groups = [g.tp_group, g.pp_group, g.dp_group, g.model_parallel_group, *distributed_c10d._world.pg_map]
+    assert len(groups) > 8 and {timeout(group) for group in groups} == {want}
+    assert timeout(dist.new_group(list(range(ctx.world_size)))) == want
 
 
 test_collectives_distributed = distributed_tests(__name__, world_size=4)
