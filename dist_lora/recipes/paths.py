@@ -59,6 +59,8 @@ def check(config) -> None:
             raise ValueError(f"{key}={value}: no such {kind} (a relative path in the recipe is relative to the "
                              f"recipe's directory, one on the command line to the working directory)")
     for key in OUTPUT_DIRS:
+        if _get(config, key) is None:  # optional (data.cache_dir: beside the data)
+            continue
         path = Path(_get(config, key))
         existing = next(p for p in (path, *path.parents) if p.exists())
         if not existing.is_dir():
