@@ -65,3 +65,15 @@ def test_a_missing_input_stops_the_launcher_before_any_rank_starts(tmp_path):
                           cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"config error: model.demo_config={tmp_path / 'nowhere.json'}: no such file" in done.stderr
+
+
+def test_the_main_job_finds_its_model_data_and_validation_file_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(ROOT / "configs" / "smollm2_dates.yaml", ["data.cache_dir=cache"])
+    assert config.model.hf_dir == str(ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct")
+    assert config.data.eval_path == str(ROOT / "data" / "dates_eval.jsonl")
+    assert config.data.cache_dir == str(tmp_path / "cache")
+    assert config.output.dir == str(ROOT / "runs" / "smollm2_dates")
+    missing = load_config(ROOT / "configs" / "smollm2_dates.yaml", ["data.eval_path=held_out.jsonl"])
+    with pytest.raises(ValueError, match=r"data.eval_path=.*held_out.jsonl: no such file"):
+        paths.check(missing)
