@@ -6,16 +6,20 @@ Fused Megatron adapters become per-projection adapters sharing one A; vocabulary
 cut; only adapter tensors are written (no fused names, no base weights). ``import_peft`` puts a
 PEFT LoRA / DoRA adapter onto any layout.
 
-PEFT keeps the default adapter in ``out_dir`` and any other in ``out_dir/<name>``; so do we.
+PEFT keeps the default adapter in ``out_dir`` and any other in ``out_dir/<name>``; so do we. The
+default adapter's export replaces only its own two files (atomically, as a pair), so the
+sub-folders of other adapters in ``out_dir`` stay; another adapter's sub-folder is written whole.
 PiSSA / OLoRA adapters export as plain LoRA on the original base with
 ``path_initial_model_for_weight_conversion`` (see :mod:`dist_lora.checkpoint.initial_conversion`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -23,7 +27,7 @@ from safetensors.torch import save_file
 
 from dist_lora.adapters.lora import add_adapter
 from dist_lora.adapters.registry import require_adapter
-from dist_lora.checkpoint.atomic import atomic_directory
+from dist_lora.checkpoint.atomic import atomic_directory, atomic_files, recover_files
 from dist_lora.checkpoint.entries import entries, is_training_state
 from dist_lora.checkpoint.fuse import fuse_projections
 from dist_lora.checkpoint.initial_conversion import subtract_initial
@@ -60,6 +64,24 @@ def _out_dir(out_dir: Path, adapter_name: str) -> Path:
     return out_dir if adapter_name == "default" else out_dir / adapter_name
 
 
+def adapter_files(directory: str | Path, overwrite: bool = False) -> contextlib.AbstractContextManager[Path]:
+    """Single-process: a temporary folder whose ``adapter_model.safetensors`` and
+    ``adapter_config.json`` replace those of ``directory`` together when the block succeeds;
+    everything else in ``directory`` (other adapters' sub-folders, a README) is kept."""
+    return atomic_files(directory, (WEIGHTS, CONFIG), overwrite, label="adapter")
+
+
+@contextlib.contextmanager
+def _adapter_output(out_dir: Path, adapter_name: str, overwrite: bool) -> Iterator[Path]:
+    """The default adapter's two files in ``out_dir``; another adapter's whole sub-folder."""
+    if adapter_name == "default":
+        with adapter_files(out_dir, overwrite) as tmp:
+            yield tmp
+    else:
+        with atomic_directory(out_dir / adapter_name, overwrite) as tmp:
+            yield tmp
+
+
 def export_peft(model_or_path, out_dir: str | Path, adapter_name: str = "default",
                 base_model_name_or_path: str | None = None, overwrite: bool = False,
                 path_initial_model_for_weight_conversion: str | Path | None = None) -> Path:
@@ -93,7 +115,7 @@ def _export_model(model, out_dir: Path, adapter_name: str, base: str | None, ove
         if group_rank() == 0:
             if initial is not None:
                 state, config, merged = subtract_initial(state, config, merged, initial)
-            with atomic_directory(target, overwrite) as tmp:
+            with _adapter_output(out_dir, adapter_name, overwrite) as tmp:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
                 (tmp / CONFIG).write_text(json.dumps(_peft_config(config, merged, saved, base), indent=2, sort_keys=True))
     return target
@@ -153,7 +175,7 @@ def _export_checkpoint(path: Path, out_dir: Path, base: str | None, overwrite: b
     if base is not None:
         config["base_model_name_or_path"] = base
     target = _out_dir(out_dir, manifest["adapter_name"])
-    with atomic_directory(target, overwrite) as tmp:
+    with _adapter_output(out_dir, manifest["adapter_name"], overwrite) as tmp:
         with StreamWriter(tmp / WEIGHTS, [(k, d, s) for _, _, k, d, s in plan], metadata={"format": "pt"}) as writer:
             for key, tensor in tensors:
                 writer.write(key, tensor)
@@ -175,6 +197,8 @@ def _peft_key_of(meta: dict, hf: str, config: LoraConfig) -> str | None:
 def read_peft(peft_dir: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """A PEFT adapter directory's config and tensors (safetensors only; pickles are refused)."""
     peft_dir = Path(peft_dir)
+    if peft_dir.is_dir():
+        recover_files(peft_dir, (WEIGHTS, CONFIG), "adapter")  # an export a crash interrupted
     config_file = peft_dir / CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} does not exist; expected a PEFT adapter directory")
