@@ -26,38 +26,24 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dist_lora.adapters.lora import add_adapter
+from dist_lora.adapters.model import view
 from dist_lora.adapters.registry import require_adapter
 from dist_lora.checkpoint.atomic import atomic_directory, atomic_files, recover_files
 from dist_lora.checkpoint.entries import entries, is_training_state
 from dist_lora.checkpoint.fuse import fuse_projections
 from dist_lora.checkpoint.initial_conversion import subtract_initial
-from dist_lora.checkpoint.peft_names import PREFIX, bias_key, peft_key, split_fused
+from dist_lora.checkpoint.peft_config import peft_config
+from dist_lora.checkpoint.peft_names import PREFIX, bias_key, module_kinds, peft_key, split_fused
 from dist_lora.checkpoint.sharded import MANIFEST, ShardReader, read_manifest
 from dist_lora.checkpoint.state_dict import adapter_state_dict, set_adapter_state_dict
 from dist_lora.checkpoint.stream_writer import StreamWriter
+from dist_lora.config.init_names import weight_method
 from dist_lora.config.lora import LoraConfig
 from dist_lora.models.spec import spec_from_config
 from dist_lora.parallel.collectives import all_gather_object, group_rank, on_every_rank
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
-
-
-def _peft_config(config: LoraConfig, modules: dict[str, tuple[int, float]], saved: list[str],
-                 base_model: str | None) -> dict:
-    """PEFT config naming exactly the exported modules; ranks / alphas that differ from the
-    defaults become explicit ``rank_pattern`` / ``alpha_pattern`` entries. The exported weights
-    are final, so the initialisation and its settings (``loftq_config``, ``eva_config``) are not
-    carried over."""
-    out = config.to_dict()
-    out.update(target_modules=sorted(modules), exclude_modules=None, layers_to_transform=None,
-               layers_pattern=None, modules_to_save=saved or None, init_lora_weights=True,
-               rank_pattern={m: r for m, (r, _) in sorted(modules.items()) if r != config.r},
-               alpha_pattern={m: a for m, (_, a) in sorted(modules.items()) if a != config.lora_alpha},
-               loftq_config={}, eva_config=None)
-    if base_model is not None:
-        out["base_model_name_or_path"] = base_model
-    return out
 
 
 def _out_dir(out_dir: Path, adapter_name: str) -> Path:
@@ -104,11 +90,14 @@ def _export_model(model, out_dir: Path, adapter_name: str, base: str | None, ove
                   initial: str | Path | None = None) -> Path:
     config = require_adapter(model, adapter_name)
     state = adapter_state_dict(model, adapter_name)
-    ranks = {hf: (e.shape[0], e.alpha) for e in entries(model, adapter_name) if e.role == "lora_A"
-             for hf in e.hf_names}
-    merged = {}
-    for part in all_gather_object(ranks):
+    mine = [e for e in entries(model, adapter_name) if e.role == "lora_A"]
+    ranks = {hf: (e.shape[0], e.alpha) for e in mine for hf in e.hf_names}
+    kinds = {hf: e.kind for e in mine for hf in e.hf_names}
+    kinds.update({c.hf_name: c.kind for c in view(model).candidates() if c.slot.fused is None})
+    merged, every_kind = {}, {}
+    for part, part_kinds in all_gather_object((ranks, kinds)):
         merged.update(part)
+        every_kind.update(part_kinds)
     saved = sorted({k[len(PREFIX):-len(".weight")] for k in state if _is_saved_module(k)})
     target = _out_dir(out_dir, adapter_name)
     with on_every_rank(f"exporting to {target}"):
@@ -117,7 +106,8 @@ def _export_model(model, out_dir: Path, adapter_name: str, base: str | None, ove
                 state, config, merged = subtract_initial(state, config, merged, initial)
             with _adapter_output(out_dir, adapter_name, overwrite) as tmp:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
-                (tmp / CONFIG).write_text(json.dumps(_peft_config(config, merged, saved, base), indent=2, sort_keys=True))
+                written = peft_config(config, merged, saved, base, every_kind)
+                (tmp / CONFIG).write_text(json.dumps(written, indent=2, sort_keys=True))
     return target
 
 
@@ -129,6 +119,7 @@ def _checkpoint_plan(manifest: dict, config: LoraConfig):
     """(plan, ranks, saved): every PEFT tensor of a sharded checkpoint, from the manifest alone."""
     spec = spec_from_config(manifest["model_config"]) if manifest["model_config"] else None
     plan, ranks, saved = [], {}, []
+    kinds = module_kinds(spec) if spec is not None else {}
     for key, meta in manifest["tensors"].items():
         if is_training_state(meta["role"]):  # optimizer / method state of a training checkpoint
             continue
@@ -141,10 +132,12 @@ def _checkpoint_plan(manifest: dict, config: LoraConfig):
                 plan.append((key, hf, out_key, getattr(torch, meta["dtype"]), tuple(t.shape)))
         if meta["role"] == "lora_A":
             ranks.update({hf: (meta["shape"][0], meta["alpha"]) for hf in names})
+            for hf in names:
+                kinds.setdefault(hf, meta["kind"])
         if meta["role"] == "modules_to_save":
             saved += list(names)
     plan.sort(key=lambda p: p[2])
-    return plan, ranks, sorted(saved), spec
+    return plan, ranks, sorted(saved), spec, kinds
 
 
 def checkpoint_tensors(path: str | Path):
@@ -152,7 +145,7 @@ def checkpoint_tensors(path: str | Path):
     tensor (and its per-projection split) in memory at a time."""
     manifest = read_manifest(path)
     config = LoraConfig.from_dict(manifest["adapter_config"])
-    plan, ranks, saved, spec = _checkpoint_plan(manifest, config)
+    plan, ranks, saved, spec, kinds = _checkpoint_plan(manifest, config)
     reader = ShardReader(Path(path), manifest)
 
     def tensors():
@@ -165,7 +158,7 @@ def checkpoint_tensors(path: str | Path):
                 current_key = key
             yield out_key, split[hf].contiguous()
 
-    return _peft_config(config, ranks, saved, None), plan, tensors()
+    return peft_config(config, ranks, saved, None, kinds), plan, tensors()
 
 
 def _export_checkpoint(path: Path, out_dir: Path, base: str | None, overwrite: bool) -> Path:
@@ -247,6 +240,9 @@ def import_peft(model, peft_dir: str | Path, adapter_name: str = "default", fuse
         config, tensors = read_peft(peft_dir)
         if fused:
             config, tensors = fuse_projections(model, config, tensors)
-    config.init_lora_weights = True  # the file holds every tensor; the init is overwritten
+    if weight_method(config.init_lora_weights) is not None:
+        # The file holds every tensor, valid on the base as it is: a weight-driven init must not
+        # rewrite the base. Every other field stays as written (an export writes it back).
+        config.init_lora_weights, config.loftq_config = True, {}
     add_adapter(model, config, adapter_name)
     set_adapter_state_dict(model, tensors, adapter_name)

@@ -97,3 +97,10 @@ def hf_module_table(spec) -> dict[str, tuple[str, str, bool]]:
                 table[hf[: -len(".weight")].format(layer=layer)] = (megatron, entry.layout,
                                                                     entry.layout in ("qkv", "glu"))
     return table
+
+
+def module_kinds(spec) -> dict[str, str]:
+    """HF module name -> ``linear`` | ``output`` | ``embedding``, for every module of ``spec``
+    that could carry an adapter (what PEFT's ``target_modules`` is matched against)."""
+    return {hf: "output" if hf == "lm_head" else "embedding" if layout == "vocab" else "linear"
+            for hf, (_, layout, _) in hf_module_table(spec).items()}
