@@ -20,6 +20,7 @@ SUFFIXES = {
     ("linear", "lora_B"): "lora_B.weight",
     ("linear", "lora_bias"): "lora_B.bias",
     ("linear", "lora_magnitude_vector"): "lora_magnitude_vector",
+    ("linear", "trained_bias"): "base_layer.bias",  # bias="lora_only": the adapted module's own bias
     ("embedding", "lora_A"): "lora_embedding_A",
     ("embedding", "lora_B"): "lora_embedding_B",
     ("svd", "lora_A"): "lora_A",  # AdaLoRA keeps its factors in ParameterDicts: no ".weight"

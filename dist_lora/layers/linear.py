@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_lora.layers.adapter_layer import AdapterLayer
+from dist_lora.layers.bias import add_trained_biases
 from dist_lora.layers.dora import dora_output, row_norm
 from dist_lora.layers.factors import LoraFactors
 from dist_lora.parallel.collectives import (
@@ -70,7 +71,7 @@ class LoraLinear(AdapterLayer):
         for factors, x_in, h in zip(all_factors, inputs, self._hiddens(inputs, all_factors)):
             d = factors.slot.place(self._slot_delta(x_in, h, y, base_bias, factors), y.shape[-1])
             delta = d if delta is None else delta + d
-        y = y + delta.to(y.dtype)
+        y = add_trained_biases(y + delta.to(y.dtype), self, all_factors)  # bias="lora_only" rows
         return (y, *rest) if rest is not None else y
 
     # -- forward pieces ------------------------------------------------------------------
