@@ -2,8 +2,9 @@
 
 Every function is called on all ranks of the job with the same arguments (they change only
 local shards; ``safe_merge`` and the DoRA row norms of row-parallel layers communicate).
-``merge_and_unload`` checks everything before it changes anything, and unties a tied head that
-it changes (:mod:`dist_lora.models.tied`), as PEFT does.
+``merge_and_unload`` checks everything before it changes anything, and unties the head of a
+tied-embedding model when the merge would make head and embedding differ
+(:mod:`dist_lora.models.tied`; PEFT does so for a saved head).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dist_lora.adapters.trainable import refresh
 from dist_lora.integrations.deepspeed import gathered
 from dist_lora.layers.adapter_layer import AdapterLayer
 from dist_lora.layers.modules_to_save import ModulesToSave
-from dist_lora.models.tied import is_tied, output_layer, untie_output_layer
+from dist_lora.models.tied import is_tied, output_layer, untie_output_layer, word_embeddings
 from dist_lora.parallel.collectives import any_rank, on_every_rank, raise_if_any
 
 
@@ -125,15 +126,17 @@ def unmerge_adapter(model: nn.Module) -> None:
                 layer.unmerge(name)
 
 
-def _changes_tied_head(model: nn.Module, names: list[str], chosen: dict[str, str | None]) -> bool:
-    """Collective: whether merging ``names`` (and the chosen saved copies) changes the output
-    layer of a tied-embedding Megatron model on any rank (it must then be untied first)."""
+def _unties(model: nn.Module, names: list[str], chosen: dict[int, str | None]) -> bool:
+    """Collective: whether merging ``names`` (and the chosen saved copies) into a tied-embedding
+    Megatron model makes its head differ from its embedding on any rank: a saved head, or an
+    adapter merged into the head or into the embedding (the head never saw it in training)."""
     if not view(model).megatron or not is_tied(model):
         return False
     head = output_layer(model)
-    changes = (isinstance(head, AdapterLayer) and any(n in head.adapter_names() for n in names)) or (
-        isinstance(head, ModulesToSave) and chosen.get(id(head)) is not None)
-    return any_rank(changes)
+    merged = [m for m in (head, word_embeddings(model))
+              if isinstance(m, AdapterLayer) and any(n in m.adapter_names() for n in names)]
+    saved = isinstance(head, ModulesToSave) and chosen.get(id(head)) is not None
+    return any_rank(bool(merged) or saved)
 
 
 def _is_shared(model: nn.Module, weight: torch.Tensor) -> bool:
@@ -164,7 +167,7 @@ def _unwrap(model: nn.Module, merge: bool, safe_merge: bool, adapter_names) -> n
     chosen = {id(m): next((a for a in active if a in m.copies), None) for _, m in saved_modules(model)}
     if merge:
         names = _names(model, adapter_names)
-        retie = untie_output_layer(model) if _changes_tied_head(model, names, chosen) else None
+        retie = untie_output_layer(model) if _unties(model, names, chosen) else None
         try:
             merge_adapter(model, names, safe_merge)
         except BaseException:

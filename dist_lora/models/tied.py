@@ -3,8 +3,8 @@
 A tied model computes its logits with the word embedding's weight: at PP=1 the output layer has
 no weight of its own and reads the embedding's; at PP>1 the last stage holds a copy kept equal to
 the embedding. Once the output layer's weight is to differ from the embedding (a merged
-``modules_to_save`` head, an adapter merged into the head), the model is untied, as PEFT and
-transformers do: the output layer gets its own weight (at PP=1 a copy of the embedding's local
+``modules_to_save`` head, an adapter merged into the head or into the embedding, which the head
+did not see in training), the model is untied, as transformers does: the output layer gets its own weight (at PP=1 a copy of the embedding's local
 shard, [V/p, h]), Megatron's ``share_embeddings_and_output_weights`` is turned off on every
 stage, and the model's spec reads ``tie_word_embeddings=False``, so :func:`save_pretrained`
 writes ``lm_head.weight`` and a config transformers loads untied. No communication.
@@ -36,6 +36,12 @@ def is_tied(model: nn.Module) -> bool:
 def output_layer(model: nn.Module) -> nn.Module | None:
     """The output layer of this stage (or the wrapper standing in for it); ``None`` off the last stage."""
     return getattr(model, "output_layer", None) if getattr(model, "post_process", False) else None
+
+
+def word_embeddings(model: nn.Module) -> nn.Module | None:
+    """The word embedding of this stage (or its wrapper); ``None`` off the first stage."""
+    embedding = getattr(model, "embedding", None) if getattr(model, "pre_process", False) else None
+    return None if embedding is None else embedding.word_embeddings
 
 
 def untie_output_layer(model: nn.Module) -> Callable[[], None]:

@@ -193,7 +193,8 @@ def default_export_replaces_only_its_own_files_beside_sibling_adapters(ctx):
 
 TIED_HEADS = {
     "saved_head": dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
-    "lora_head": dict(target_modules=["q_proj", "lm_head"]),  # a LoRA merged into the tied head unties it too
+    # LoRA merged into the tied head, or into the embedding the head reads: untied too
+    "lora_head_and_embedding": dict(target_modules=["q_proj", "lm_head", "embed_tokens"]),
 }
 
 
