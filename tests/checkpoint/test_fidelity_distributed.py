@@ -9,7 +9,7 @@
   only its own two files.
 * a tied-embedding model with ``modules_to_save=["lm_head"]``, at PP=1 and PP=2: merge_and_unload
   unties the head and ``save_pretrained`` writes it with ``tie_word_embeddings=False`` (as PEFT);
-  a refused merge_and_unload changes nothing.
+  a refused merge_and_unload changes nothing (a tied head untied for the merge is tied back).
 * PEFT -> sharded checkpoint -> PEFT keeps ``adapter_config.json`` as PEFT wrote it.
 
 Layouts: ``tp2`` (TP=2, PP=1) and ``pp2`` (PP=2).
@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 import dist_lora as dl
 from dist_lora import models
+from dist_lora.adapters.model import view
 from dist_lora.adapters.registry import adapter_layers, saved_modules
 from dist_lora.models.hf_checkpoint import HFCheckpoint
 from dist_lora.models.training import finalize_grads, forward_backward
@@ -220,20 +221,25 @@ def tied_head_changed_by_the_merge_is_untied_and_released_as_trained(ctx):
 
 @check("tp2", "pp2")
 def refused_merge_and_unload_changes_nothing(ctx):
-    model = models.from_pretrained(ctx.data["llama"])
-    # lora_bias on layers that have no bias to fold it into: refused before anything is merged,
-    # unwrapped or written (the saved lm_head copy included).
-    dl.apply_lora(model, dl.LoraConfig(r=4, target_modules=["q_proj", "o_proj"], lora_bias=True,
-                                       modules_to_save=["lm_head"], init_lora_weights=False))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    logits = models.logits(model, _ids(101))
-    with pytest.raises((RankError, RuntimeError), match="lora_bias cannot be merged"):
-        dl.merge_and_unload(model)
-    after = dict(model.named_parameters())
-    assert sorted(after) == sorted(before) and all(torch.equal(after[n], before[n]) for n in before)
-    assert list(adapter_layers(model)) and dl.active_adapters(model) == ["default"]
-    assert not any(layer.merged_adapters for _, layer in adapter_layers(model))
-    assert torch.equal(models.logits(model, _ids(101)), logits)
+    for family in ("llama", "qwen2"):  # qwen2 is tied: its head is untied first, and tied back on refusal
+        model = models.from_pretrained(ctx.data[family])
+        # lora_bias on o_proj, which has no bias to fold it into: refused before anything is merged,
+        # unwrapped, untied or written (the saved lm_head copy included).
+        dl.apply_lora(model, dl.LoraConfig(r=4, target_modules=["q_proj", "o_proj"], lora_bias=True,
+                                           modules_to_save=["lm_head"], init_lora_weights=False))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        tied = (getattr(model, "share_embeddings_and_output_weights", None), view(model).spec.tied_embeddings)
+        vocab = TINY_CONFIGS[family]["vocab_size"]
+        logits = models.logits(model, _ids(vocab))
+        with pytest.raises((RankError, RuntimeError), match="lora_bias cannot be merged"):
+            dl.merge_and_unload(model)
+        after = dict(model.named_parameters())
+        assert sorted(after) == sorted(before) and all(torch.equal(after[n], before[n]) for n in before), family
+        assert (getattr(model, "share_embeddings_and_output_weights", None),
+                view(model).spec.tied_embeddings) == tied, family
+        assert list(adapter_layers(model)) and dl.active_adapters(model) == ["default"]
+        assert not any(layer.merged_adapters for _, layer in adapter_layers(model))
+        assert torch.equal(models.logits(model, _ids(vocab)), logits), family
 
 
 def _written_config(path: Path) -> dict:
