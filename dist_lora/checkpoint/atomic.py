@@ -109,18 +109,22 @@ def _fsync_dir(path: Path) -> None:
 
 def recover_files(directory: str | Path, names: tuple[str, ...], label: str) -> None:
     """Undo a :func:`publish_files` of ``names`` that a crash interrupted before its commit
-    point (the old files come back, new ones are removed); clear journals of completed ones."""
+    point (the old files come back, new ones are removed); clear journals of completed ones.
+    Several processes may recover the same directory at once (every rank reading an adapter):
+    each step is skipped where another process already did it."""
     directory = Path(directory)
     for journal in sorted(directory.glob(f".{label}.old-*")):
-        listing = journal / _JOURNAL
-        if listing.is_file():  # not committed: roll back
-            old = set(json.loads(listing.read_text()))
+        try:
+            old = set(json.loads((journal / _JOURNAL).read_text()))
+        except FileNotFoundError:  # committed, or recovered by another process
+            old = None
+        if old is not None:  # not committed: roll back
             for name in names:
-                if name in old:
-                    if (journal / name).exists():  # moved aside: put it back over the new one
-                        os.replace(journal / name, directory / name)
-                elif (directory / name).exists():  # a new file without an old one
-                    (directory / name).unlink()
+                with contextlib.suppress(FileNotFoundError):  # another process got there first
+                    if name in old:
+                        os.replace(journal / name, directory / name)  # put the old one back over the new
+                    else:
+                        (directory / name).unlink()  # a new file without an old one
             _fsync_dir(directory)
         shutil.rmtree(journal, ignore_errors=True)
 
