@@ -101,6 +101,11 @@ class LoraFactors(nn.Module):
         """Rank of the tensors: ``r``, or the rank they were padded to for hotswapping."""
         return self._capacity
 
+    def set_rank(self, r: int) -> None:
+        """The rank tensors were replaced by ones of rank ``r`` (AdaLoRA's shrink): ``r`` and the
+        capacity both become ``r``."""
+        self.r = self._capacity = r
+
     @property
     def vacant(self) -> bool:
         """Zero tensors standing in for a module the swapped-in adapter does not target."""
