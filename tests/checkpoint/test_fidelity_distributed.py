@@ -12,7 +12,7 @@
   a refused merge_and_unload changes nothing (a tied head untied for the merge is tied back).
 * PEFT -> sharded checkpoint -> PEFT keeps ``adapter_config.json`` as PEFT wrote it.
 
-Layouts: ``tp2`` (TP=2, PP=1) and ``pp2`` (PP=2).
+Layouts: ``tp2`` (TP=2, PP=1), ``tp2-sp`` (with sequence parallelism) and ``pp2`` (PP=2).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def _reloaded_logits(ctx, family: str, path: Path) -> torch.Tensor:
     return models.logits(fresh, _ids(TINY_CONFIGS[family]["vocab_size"]))
 
 
-@check("tp2")
+@check("tp2", "tp2-sp")
 def lora_only_fused_bias_trains_only_the_targeted_rows_and_releases_what_was_trained(ctx):
     from dist_lora.checkpoint.merge_release import merge_release
 
@@ -121,9 +121,9 @@ def lora_only_fused_bias_trains_only_the_targeted_rows_and_releases_what_was_tra
     trained = _train(ctx, model, "qwen2")
     for name, layer in adapter_layers(model):
         assert torch.equal(layer.base_layer.bias, before[name]), f"{name}: a frozen bias row changed"
-    out = Path(ctx.tmp) / "lora_only_export"
+    out = Path(ctx.tmp) / f"lora_only_export_{ctx.layout.name}"
     dl.export_peft(model, out)
-    ckpt = Path(ctx.tmp) / "lora_only_ckpt"
+    ckpt = Path(ctx.tmp) / f"lora_only_ckpt_{ctx.layout.name}"
     dl.save_adapter(model, ckpt)
 
     def released():
@@ -131,8 +131,9 @@ def lora_only_fused_bias_trains_only_the_targeted_rows_and_releases_what_was_tra
         biases = sorted(k for k in keys if k.endswith(".bias"))
         assert biases and all(".base_layer.bias" in k and ("q_proj" in k or "v_proj" in k) for k in biases), biases
         assert rel_error(_peft_logits(out, "qwen2"), trained) <= TOL, "PEFT on the export"
-        merge_release(ctx.data["qwen2"], out, Path(ctx.tmp) / "lora_only_merged", progress=False)
-        assert rel_error(_transformers_logits(Path(ctx.tmp) / "lora_only_merged", "qwen2"), trained) <= TOL
+        merged = Path(ctx.tmp) / f"lora_only_merged_{ctx.layout.name}"
+        merge_release(ctx.data["qwen2"], out, merged, progress=False)
+        assert rel_error(_transformers_logits(merged, "qwen2"), trained) <= TOL
 
     _on_rank0(ctx, released)
     assert rel_error(_reloaded_logits(ctx, "qwen2", ckpt), trained) <= TOL, "the reloaded sharded checkpoint"
