@@ -24,8 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dist_lora.adalora.layers import adalora_config
-from dist_lora.checkpoint.atomic import atomic_directory
-from dist_lora.checkpoint.peft_format import CONFIG, WEIGHTS
+from dist_lora.checkpoint.peft_format import CONFIG, WEIGHTS, adapter_files
 from dist_lora.checkpoint.peft_names import PREFIX
 from dist_lora.checkpoint.state_dict import adapter_state_dict
 from dist_lora.config.lora import LoraConfig
@@ -94,7 +93,7 @@ def export_adalora(model: nn.Module, out_dir: str | Path, adapter_name: str = "d
             tensors, meta = (_adalora_files if format == "adalora" else _lora_files)(config, state)
             if base_model_name_or_path is not None:
                 meta["base_model_name_or_path"] = base_model_name_or_path
-            with atomic_directory(target, overwrite) as tmp:
+            with adapter_files(target, overwrite) as tmp:
                 save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
                 (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return target

@@ -32,6 +32,6 @@ def shrink_to_rank_pattern(model: nn.Module, adapter_name: str = "default") -> d
             for role, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
                 old = getattr(f, role)
                 setattr(f, role, nn.Parameter(old.index_select(dim, keep).clone(), requires_grad=old.requires_grad))
-            f.r = int(keep.numel())
+            f.set_rank(int(keep.numel()))  # capacity too: the forward splits hiddens by it
         ranks[name] = f.r
     return ranks

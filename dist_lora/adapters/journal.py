@@ -73,12 +73,7 @@ class Journal:
     @torch.no_grad()
     def rollback(self, refresh: Callable[[nn.Module], None]) -> None:
         """Undo every recorded change; ``refresh`` re-applies the restored registry's trainable
-        set and bias hooks (called only if the model had adapters before)."""
-        for _, layer in registry.adapter_layers(self.model):
-            handle = getattr(layer, "_bias_mask_hook", None)
-            if handle is not None:
-                handle.remove()
-                layer._bias_mask_hook = None
+        set (called only if the model had adapters before)."""
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()

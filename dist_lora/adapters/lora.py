@@ -161,6 +161,9 @@ def _add_slot(model, pool, config: LoraConfig, adapter_name: str, c: Candidate, 
         with torch.no_grad():
             factors.lora_magnitude_vector.copy_(row_norm(module._read_rows(c.slot), factors.delta_weight(),
                                                          module.shard))
+    bias = getattr(module.base_layer, "bias", None)
+    if config.bias == "lora_only" and bias is not None and module.shard.kind != "embedding":
+        factors.own_bias(c.slot.select(bias))  # only this slot's rows train (layers/bias.py)
     journal.add_factors(module, adapter_name, c.slot.key, factors)
 
 

@@ -2,6 +2,9 @@
 
 Every function is called on all ranks of the job with the same arguments (they change only
 local shards; ``safe_merge`` and the DoRA row norms of row-parallel layers communicate).
+``merge_and_unload`` checks everything before it changes anything, and unties the head of a
+tied-embedding model when the merge would make head and embedding differ
+(:mod:`dist_lora.models.tied`; PEFT does so for a saved head).
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ import torch
 from torch import nn
 
 from dist_lora.adapters.journal import set_module
+from dist_lora.adapters.model import view
 from dist_lora.adapters.registry import adapter_layers, drop, registry, require_adapter, saved_modules, wrappers
 from dist_lora.adapters.trainable import refresh
 from dist_lora.integrations.deepspeed import gathered
-from dist_lora.parallel.collectives import on_every_rank, raise_if_any
+from dist_lora.layers.adapter_layer import AdapterLayer
+from dist_lora.layers.modules_to_save import ModulesToSave
+from dist_lora.models.tied import is_tied, output_layer, untie_output_layer, word_embeddings
+from dist_lora.parallel.collectives import any_rank, on_every_rank, raise_if_any
 
 
 def active_adapters(model: nn.Module) -> list[str]:
@@ -119,20 +126,59 @@ def unmerge_adapter(model: nn.Module) -> None:
                 layer.unmerge(name)
 
 
+def _unties(model: nn.Module, names: list[str], chosen: dict[int, str | None]) -> bool:
+    """Collective: whether merging ``names`` (and the chosen saved copies) into a tied-embedding
+    Megatron model makes its head differ from its embedding on any rank: a saved head, or an
+    adapter merged into the head or into the embedding (the head never saw it in training)."""
+    if not view(model).megatron or not is_tied(model):
+        return False
+    head = output_layer(model)
+    merged = [m for m in (head, word_embeddings(model))
+              if isinstance(m, AdapterLayer) and any(n in m.adapter_names() for n in names)]
+    saved = isinstance(head, ModulesToSave) and chosen.get(id(head)) is not None
+    return any_rank(bool(merged) or saved)
+
+
+def _is_shared(model: nn.Module, weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is a parameter of more than one module (a tied Hugging Face lm_head)."""
+    return sum(p is weight for _, p in model.named_parameters(remove_duplicate=False)) > 1
+
+
+def _write_saved_copy(model: nn.Module, module: ModulesToSave, copy: torch.Tensor) -> None:
+    """The merged model's weight of a ``modules_to_save`` module: its trained copy. A weight
+    tied to another module (a Hugging Face lm_head tied to the embedding) is untied, as PEFT
+    does: the module gets the copy as its own weight, the other keeps its values, and the
+    config's ``tie_word_embeddings`` becomes False."""
+    base = module.base_layer
+    with gathered([base.weight, copy], modify=True):
+        if not _is_shared(model, base.weight):
+            base.weight.data.copy_(copy.data)
+            return
+        base.weight = nn.Parameter(copy.detach().clone(), requires_grad=False)
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+
+
 def _unwrap(model: nn.Module, merge: bool, safe_merge: bool, adapter_names) -> nn.Module:
-    if merge:
-        merge_adapter(model, adapter_names, safe_merge)
+    """Everything that can refuse (merge checks, safe_merge) runs before anything changes; a tied
+    Megatron head that the merge changes is untied first, and tied again on refusal."""
     active = registry(model).active
+    chosen = {id(m): next((a for a in active if a in m.copies), None) for _, m in saved_modules(model)}
+    if merge:
+        names = _names(model, adapter_names)
+        retie = untie_output_layer(model) if _unties(model, names, chosen) else None
+        try:
+            merge_adapter(model, names, safe_merge)
+        except BaseException:
+            if retie is not None:
+                retie()
+            raise
     for name, layer in list(adapter_layers(model)):
         set_module(model, name, layer.base_layer)
     for name, module in list(saved_modules(model)):
-        chosen = next((a for a in active if a in module.copies), None)
-        if merge and chosen is not None:
-            weight = module.base_layer.weight
-            if weight is None:
-                raise RuntimeError(f"{name} shares its weight with the embedding; cannot write its saved copy")
-            with gathered([weight, module.copies[chosen]], modify=True):
-                weight.data.copy_(module.copies[chosen].data)
+        if merge and chosen[id(module)] is not None:
+            _write_saved_copy(model, module, module.copies[chosen[id(module)]])
         set_module(model, name, module.base_layer)
     drop(model)
     return model

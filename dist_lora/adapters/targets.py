@@ -57,6 +57,22 @@ def _excluded(config: LoraConfig, name: str) -> bool:
     return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save or [])
 
 
+def targets_module(config: LoraConfig, name: str, kind: str) -> bool:
+    """Whether PEFT, given ``config``, adapts the Hugging Face module ``name`` of ``kind``
+    (``linear`` | ``output`` | ``embedding``): the rule of :func:`select`, on the HF name alone."""
+    targets = config.target_modules if config.target_modules is not None else ["q_proj", "v_proj"]
+    if _excluded(config, name):
+        return False
+    if targets == "all-linear":
+        return kind == "linear"
+    return _name_matches(targets, name) and _layer_ok(config, name)
+
+
+def saves_module(config: LoraConfig, name: str) -> bool:
+    """Whether ``config.modules_to_save`` names the module ``name`` (PEFT's suffix match)."""
+    return any(re.match(rf"(^|.*\.){m}$", name) for m in config.modules_to_save or [])
+
+
 def leaf_names(model: nn.Module) -> list[str]:
     """Short names of the modules that could be targeted (for error messages)."""
     return sorted({n.rsplit(".", 1)[-1] for c in view(model).candidates() for n in c.names})

@@ -2,7 +2,7 @@
 
 Keys are ``<global module name>.<slot>.<role>`` (e.g.
 ``decoder.layers.3.self_attention.linear_qkv.q_proj.lora_A``), ``<module>.modules_to_save`` and
-``<module>.base_bias``; the global module name uses the *global* layer index, so a key means
+``<module>.base_bias`` (a base bias ``bias="all"`` trains); the global module name uses the *global* layer index, so a key means
 the same tensor at any TP / PP layout. ``describe`` carries what is needed to export the tensor
 to PEFT's names without a model: HF module names, fused layout, embedding or not.
 """
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dist_lora.adapters.registry import adapter_layers, registry, saved_modules
+from dist_lora.adapters.biases import trained_biases
+from dist_lora.adapters.registry import adapter_layers, saved_modules
 from dist_lora.layers.sharding import FactorLayout
 
 
@@ -26,7 +27,7 @@ class Entry:
     shape: tuple[int, ...]  # global (unpadded) shape
     tp: int
     rank: int
-    role: str  # lora_A | lora_B | lora_bias | lora_magnitude_vector | modules_to_save | base_bias
+    role: str  # lora_A | lora_B | lora_bias | lora_magnitude_vector | trained_bias | modules_to_save | base_bias
     hf_names: tuple[str, ...]
     fused: str | None
     kind: str  # linear | embedding
@@ -61,14 +62,9 @@ def entries(model: nn.Module, adapter: str) -> list[Entry]:
                 out.append(Entry(f"{layer.global_name}.{slot_key}.{role}", factors.held(role), layout,
                                  shapes[role], layer.shard.tp, layer.shard.rank, role, factors.slot.hf_names,
                                  factors.slot.fused, kind, alpha=factors.alpha))
-        bias = getattr(layer.base_layer, "bias", None)
-        mode = registry(model).configs[adapter].bias
-        if bias is not None and (mode == "all" or (mode == "lora_only" and slots)):
-            layout = FactorLayout(dim=0) if layer.shard.kind == "column" else FactorLayout()
-            full = (bias.shape[0] * layer.shard.tp,) if layout.dim == 0 else tuple(bias.shape)
-            adapted = tuple(dict.fromkeys(n for f in slots.values() for n in f.slot.hf_names))
-            out.append(Entry(f"{layer.global_name}.base_bias", bias, layout, full, layer.shard.tp,
-                             layer.shard.rank, "base_bias", layer.hf_names, layer.fused_layout, kind, adapted))
+    for b in trained_biases(model, adapter):  # bias="all": every base bias, wrapped or not
+        out.append(Entry(f"{b.global_name}.base_bias", b.param, b.layout, b.global_shape, b.tp, b.rank,
+                         "base_bias", b.hf_names, b.fused, "linear", b.adapted))
     for _, module in saved_modules(model):
         if adapter in module.copies:
             param = module.copies[adapter]

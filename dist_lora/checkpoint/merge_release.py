@@ -4,7 +4,9 @@ The base is streamed tensor by tensor (one base tensor and its merged copy in me
 adapter (a PEFT directory or a dist_lora sharded checkpoint) is small and read whole. Merging
 follows PEFT's ``merge_and_unload``: ``W + s B A`` (LoRA / rsLoRA, per-module rank and alpha),
 ``m / ||W + s B A||_row * (W + s B A)`` (DoRA), ``E + s (B A)^T`` (embeddings), ``lora_B.bias``
-into the base bias, ``modules_to_save`` and trained base biases replacing the originals. The
+into the base bias, ``modules_to_save`` and trained base biases replacing the originals. A
+tied base whose head or embedding the adapter changes is released untied (``lm_head.weight``
+written, ``tie_word_embeddings: false``), so it loads with the trained model's logits. The
 output is sharded into files of at most ``max_shard_size`` bytes with an index when it needs
 more than one, and appears atomically.
 """
@@ -66,14 +68,14 @@ def merge_release(base_dir: str | Path, adapter: str | Path, out_dir: str | Path
     modules, replace = adapter_modules(config, tensors), _replacements(tensors)
     reader = HFCheckpoint(base_dir)
     names = reader.names()
-    tied = base_config.get("tie_word_embeddings", False)
-    if tied and any(m.endswith(("lm_head", "embed_tokens")) for m in list(modules) + list(replace)):
-        raise ValueError("the base ties lm_head to embed_tokens; merging an adapter on either would change both. "
-                         "Untie the embeddings in the base before releasing a merged model")
+    source = {n: n for n in names}  # released tensor -> base tensor it starts from
+    touched = list(modules) + [n.rpartition(".")[0] for n in replace]
+    if base_config.get("tie_word_embeddings", False) and any(m.endswith(("lm_head", "embed_tokens")) for m in touched):
+        base_config = _untie(base_config, names, source)
     unknown = sorted(m for m in modules if f"{m}.weight" not in names)
     if unknown:
         raise ValueError(f"the adapter targets modules the base does not have: {unknown[:5]}")
-    sizes = {n: _nbytes(reader, n) for n in names}
+    sizes = {n: _nbytes(reader, source[n]) for n in names}
     files, current, size = [], [], 0
     for name in names:
         if current and size + sizes[name] > max_shard_size:
@@ -87,10 +89,11 @@ def merge_release(base_dir: str | Path, adapter: str | Path, out_dir: str | Path
     with atomic_directory(out_dir, overwrite) as tmp:
         bar = tqdm(total=len(names), desc="merging", unit="tensor", disable=not progress)
         for file, members in zip(file_names, files):
-            entries = [(n, _torch_dtype(reader.dtype_name(n)), reader.shape(n)) for n in members]
+            entries = [(n, _torch_dtype(reader.dtype_name(source[n])), reader.shape(source[n])) for n in members]
             with StreamWriter(tmp / file, entries, metadata={"format": "pt"}) as writer:
                 for name in members:
-                    writer.write(name, merged_tensor(name, reader.read(name), modules, replace).contiguous())
+                    base = reader.read(source[name])
+                    writer.write(name, merged_tensor(name, base, modules, replace).contiguous())
                     bar.update()
         bar.close()
         if len(files) > 1:
@@ -102,6 +105,19 @@ def merge_release(base_dir: str | Path, adapter: str | Path, out_dir: str | Path
             if (base_dir / extra).is_file():
                 shutil.copy2(base_dir / extra, tmp / extra)
     return out_dir
+
+
+def _untie(base_config: dict, names: list[str], source: dict[str, str]) -> dict:
+    """A tied base whose head or embedding the adapter changes is released untied, as PEFT's
+    merge of a saved head and ``merge_and_unload`` here do: ``lm_head.weight`` starts from the
+    embedding and the config says ``tie_word_embeddings: false``."""
+    embedding = next((n for n in names if n.endswith("embed_tokens.weight")), None)
+    if embedding is None:
+        raise ValueError("the base ties lm_head to its embedding but has no embed_tokens.weight to untie it from")
+    if "lm_head.weight" not in names:
+        names.append("lm_head.weight")
+        source["lm_head.weight"] = embedding
+    return {**base_config, "tie_word_embeddings": False}
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

@@ -6,16 +6,20 @@ Fused Megatron adapters become per-projection adapters sharing one A; vocabulary
 cut; only adapter tensors are written (no fused names, no base weights). ``import_peft`` puts a
 PEFT LoRA / DoRA adapter onto any layout.
 
-PEFT keeps the default adapter in ``out_dir`` and any other in ``out_dir/<name>``; so do we.
+PEFT keeps the default adapter in ``out_dir`` and any other in ``out_dir/<name>``; so do we. The
+default adapter's export replaces only its own two files (atomically, as a pair), so the
+sub-folders of other adapters in ``out_dir`` stay; another adapter's sub-folder is written whole.
 PiSSA / OLoRA adapters export as plain LoRA on the original base with
 ``path_initial_model_for_weight_conversion`` (see :mod:`dist_lora.checkpoint.initial_conversion`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -23,16 +27,19 @@ from safetensors.torch import save_file
 
 from dist_lora.adapters.hotswap import AUTO, check_fits, prepare_loaded, resolve_hotswap, unwrap_compiled
 from dist_lora.adapters.lora import add_adapter
+from dist_lora.adapters.model import view
 from dist_lora.adapters.registry import require_adapter
-from dist_lora.checkpoint.atomic import atomic_directory
+from dist_lora.checkpoint.atomic import atomic_directory, atomic_files, recover_files
 from dist_lora.checkpoint.entries import entries, is_training_state
 from dist_lora.checkpoint.fuse import fuse_projections
 from dist_lora.checkpoint.hotswap import peft_source, swap_in
 from dist_lora.checkpoint.initial_conversion import subtract_initial
-from dist_lora.checkpoint.peft_names import PREFIX, bias_key, peft_key, split_fused
+from dist_lora.checkpoint.peft_config import peft_config
+from dist_lora.checkpoint.peft_names import PREFIX, bias_key, module_kinds, peft_key, split_fused
 from dist_lora.checkpoint.sharded import MANIFEST, ShardReader, read_manifest
 from dist_lora.checkpoint.state_dict import adapter_state_dict, set_adapter_state_dict
 from dist_lora.checkpoint.stream_writer import StreamWriter
+from dist_lora.config.init_names import weight_method
 from dist_lora.config.lora import LoraConfig
 from dist_lora.models.spec import spec_from_config
 from dist_lora.parallel.collectives import all_gather_object, group_rank, on_every_rank
@@ -41,25 +48,26 @@ WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 
 
-def _peft_config(config: LoraConfig, modules: dict[str, tuple[int, float]], saved: list[str],
-                 base_model: str | None) -> dict:
-    """PEFT config naming exactly the exported modules; ranks / alphas that differ from the
-    defaults become explicit ``rank_pattern`` / ``alpha_pattern`` entries. The exported weights
-    are final, so the initialisation and its settings (``loftq_config``, ``eva_config``) are not
-    carried over."""
-    out = config.to_dict()
-    out.update(target_modules=sorted(modules), exclude_modules=None, layers_to_transform=None,
-               layers_pattern=None, modules_to_save=saved or None, init_lora_weights=True,
-               rank_pattern={m: r for m, (r, _) in sorted(modules.items()) if r != config.r},
-               alpha_pattern={m: a for m, (_, a) in sorted(modules.items()) if a != config.lora_alpha},
-               loftq_config={}, eva_config=None)
-    if base_model is not None:
-        out["base_model_name_or_path"] = base_model
-    return out
-
-
 def _out_dir(out_dir: Path, adapter_name: str) -> Path:
     return out_dir if adapter_name == "default" else out_dir / adapter_name
+
+
+def adapter_files(directory: str | Path, overwrite: bool = False) -> contextlib.AbstractContextManager[Path]:
+    """Single-process: a temporary folder whose ``adapter_model.safetensors`` and
+    ``adapter_config.json`` replace those of ``directory`` together when the block succeeds;
+    everything else in ``directory`` (other adapters' sub-folders, a README) is kept."""
+    return atomic_files(directory, (WEIGHTS, CONFIG), overwrite, label="adapter")
+
+
+@contextlib.contextmanager
+def _adapter_output(out_dir: Path, adapter_name: str, overwrite: bool) -> Iterator[Path]:
+    """The default adapter's two files in ``out_dir``; another adapter's whole sub-folder."""
+    if adapter_name == "default":
+        with adapter_files(out_dir, overwrite) as tmp:
+            yield tmp
+    else:
+        with atomic_directory(out_dir / adapter_name, overwrite) as tmp:
+            yield tmp
 
 
 def export_peft(model_or_path, out_dir: str | Path, adapter_name: str = "default",
@@ -84,20 +92,24 @@ def _export_model(model, out_dir: Path, adapter_name: str, base: str | None, ove
                   initial: str | Path | None = None) -> Path:
     config = require_adapter(model, adapter_name)
     state = adapter_state_dict(model, adapter_name)
-    ranks = {hf: (e.shape[0], e.alpha) for e in entries(model, adapter_name) if e.role == "lora_A"
-             for hf in e.hf_names}
-    merged = {}
-    for part in all_gather_object(ranks):
+    mine = [e for e in entries(model, adapter_name) if e.role == "lora_A"]
+    ranks = {hf: (e.shape[0], e.alpha) for e in mine for hf in e.hf_names}
+    kinds = {hf: e.kind for e in mine for hf in e.hf_names}
+    kinds.update({c.hf_name: c.kind for c in view(model).candidates() if c.slot.fused is None})
+    merged, every_kind = {}, {}
+    for part, part_kinds in all_gather_object((ranks, kinds)):
         merged.update(part)
+        every_kind.update(part_kinds)
     saved = sorted({k[len(PREFIX):-len(".weight")] for k in state if _is_saved_module(k)})
     target = _out_dir(out_dir, adapter_name)
     with on_every_rank(f"exporting to {target}"):
         if group_rank() == 0:
             if initial is not None:
                 state, config, merged = subtract_initial(state, config, merged, initial)
-            with atomic_directory(target, overwrite) as tmp:
+            with _adapter_output(out_dir, adapter_name, overwrite) as tmp:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
-                (tmp / CONFIG).write_text(json.dumps(_peft_config(config, merged, saved, base), indent=2, sort_keys=True))
+                written = peft_config(config, merged, saved, base, every_kind)
+                (tmp / CONFIG).write_text(json.dumps(written, indent=2, sort_keys=True))
     return target
 
 
@@ -109,6 +121,7 @@ def _checkpoint_plan(manifest: dict, config: LoraConfig):
     """(plan, ranks, saved): every PEFT tensor of a sharded checkpoint, from the manifest alone."""
     spec = spec_from_config(manifest["model_config"]) if manifest["model_config"] else None
     plan, ranks, saved = [], {}, []
+    kinds = module_kinds(spec) if spec is not None else {}
     for key, meta in manifest["tensors"].items():
         if is_training_state(meta["role"]):  # optimizer / method state of a training checkpoint
             continue
@@ -121,10 +134,12 @@ def _checkpoint_plan(manifest: dict, config: LoraConfig):
                 plan.append((key, hf, out_key, getattr(torch, meta["dtype"]), tuple(t.shape)))
         if meta["role"] == "lora_A":
             ranks.update({hf: (meta["shape"][0], meta["alpha"]) for hf in names})
+            for hf in names:
+                kinds.setdefault(hf, meta["kind"])
         if meta["role"] == "modules_to_save":
             saved += list(names)
     plan.sort(key=lambda p: p[2])
-    return plan, ranks, sorted(saved), spec
+    return plan, ranks, sorted(saved), spec, kinds
 
 
 def checkpoint_tensors(path: str | Path):
@@ -132,7 +147,7 @@ def checkpoint_tensors(path: str | Path):
     tensor (and its per-projection split) in memory at a time."""
     manifest = read_manifest(path)
     config = LoraConfig.from_dict(manifest["adapter_config"])
-    plan, ranks, saved, spec = _checkpoint_plan(manifest, config)
+    plan, ranks, saved, spec, kinds = _checkpoint_plan(manifest, config)
     reader = ShardReader(Path(path), manifest)
 
     def tensors():
@@ -145,7 +160,7 @@ def checkpoint_tensors(path: str | Path):
                 current_key = key
             yield out_key, split[hf].contiguous()
 
-    return _peft_config(config, ranks, saved, None), plan, tensors()
+    return peft_config(config, ranks, saved, None, kinds), plan, tensors()
 
 
 def _export_checkpoint(path: Path, out_dir: Path, base: str | None, overwrite: bool) -> Path:
@@ -155,7 +170,7 @@ def _export_checkpoint(path: Path, out_dir: Path, base: str | None, overwrite: b
     if base is not None:
         config["base_model_name_or_path"] = base
     target = _out_dir(out_dir, manifest["adapter_name"])
-    with atomic_directory(target, overwrite) as tmp:
+    with _adapter_output(out_dir, manifest["adapter_name"], overwrite) as tmp:
         with StreamWriter(tmp / WEIGHTS, [(k, d, s) for _, _, k, d, s in plan], metadata={"format": "pt"}) as writer:
             for key, tensor in tensors:
                 writer.write(key, tensor)
@@ -177,6 +192,8 @@ def _peft_key_of(meta: dict, hf: str, config: LoraConfig) -> str | None:
 def read_peft(peft_dir: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """A PEFT adapter directory's config and tensors (safetensors only; pickles are refused)."""
     peft_dir = Path(peft_dir)
+    if peft_dir.is_dir():
+        recover_files(peft_dir, (WEIGHTS, CONFIG), "adapter")  # an export a crash interrupted
     config_file = peft_dir / CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} does not exist; expected a PEFT adapter directory")
@@ -236,7 +253,10 @@ def import_peft(model, peft_dir: str | Path, adapter_name: str = "default", fuse
         swapping = resolve_hotswap(model, adapter_name, hotswap)
         if not swapping:
             check_fits(model, config, _ranks(tensors), str(peft_dir))
-    config.init_lora_weights = True  # the file holds every tensor; the init is overwritten
+    if weight_method(config.init_lora_weights) is not None:
+        # The file holds every tensor, valid on the base as it is: a weight-driven init must not
+        # rewrite the base. Every other field stays as written (an export writes it back).
+        config.init_lora_weights, config.loftq_config = True, {}
     if swapping:
         swap_in(model, config, peft_source(model, tensors, str(peft_dir)), adapter_name)
         return

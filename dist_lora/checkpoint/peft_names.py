@@ -20,6 +20,7 @@ SUFFIXES = {
     ("linear", "lora_B"): "lora_B.weight",
     ("linear", "lora_bias"): "lora_B.bias",
     ("linear", "lora_magnitude_vector"): "lora_magnitude_vector",
+    ("linear", "trained_bias"): "base_layer.bias",  # bias="lora_only": the adapted module's own bias
     ("embedding", "lora_A"): "lora_embedding_A",
     ("embedding", "lora_B"): "lora_embedding_B",
     ("svd", "lora_A"): "lora_A",  # AdaLoRA keeps its factors in ParameterDicts: no ".weight"
@@ -97,3 +98,10 @@ def hf_module_table(spec) -> dict[str, tuple[str, str, bool]]:
                 table[hf[: -len(".weight")].format(layer=layer)] = (megatron, entry.layout,
                                                                     entry.layout in ("qkv", "glu"))
     return table
+
+
+def module_kinds(spec) -> dict[str, str]:
+    """HF module name -> ``linear`` | ``output`` | ``embedding``, for every module of ``spec``
+    that could carry an adapter (what PEFT's ``target_modules`` is matched against)."""
+    return {hf: "output" if hf == "lm_head" else "embedding" if layout == "vocab" else "linear"
+            for hf, (_, layout, _) in hf_module_table(spec).items()}

@@ -25,7 +25,8 @@ from dist_lora.models.spec import read_spec
 
 _ROLES = {"lora_A.weight": ("lora_A", "linear"), "lora_B.weight": ("lora_B", "linear"),
           "lora_B.bias": ("lora_bias", "linear"), "lora_magnitude_vector": ("lora_magnitude_vector", "linear"),
-          "lora_embedding_A": ("lora_A", "embedding"), "lora_embedding_B": ("lora_B", "embedding")}
+          "lora_embedding_A": ("lora_A", "embedding"), "lora_embedding_B": ("lora_B", "embedding"),
+          "base_layer.bias": ("trained_bias", "linear")}  # bias="lora_only" only (see below)
 
 
 def _split_dim(role: str, kind: str, layout: str) -> tuple[int | None, bool]:
@@ -57,9 +58,10 @@ def peft_to_sharded(peft_dir: str | Path, base_dir: str | Path, dst: str | Path,
             out_key, role, kind, module, dim, padded = "output_layer.modules_to_save", "modules_to_save", "linear", "lm_head", 0, True
         else:
             suffix = next((s for s in _ROLES if name.endswith("." + s)), None)
-            if suffix is None:
-                raise ValueError(f"{key}: only LoRA / DoRA tensors and a saved lm_head can be converted "
-                                 f"(trained base biases cannot)")
+            if suffix is None or (suffix == "base_layer.bias" and config.bias != "lora_only"):
+                raise ValueError(f"{key}: only LoRA / DoRA tensors, bias='lora_only' biases and a saved lm_head "
+                                 f"can be converted (bias='all' base biases cannot: import the adapter with "
+                                 f"import_peft and save it with save_adapter)")
             module = name[: -len(suffix) - 1]
             if module not in table:
                 raise ValueError(f"{key}: module {module!r} does not exist in a {spec.family.name} model")

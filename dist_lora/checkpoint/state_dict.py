@@ -3,8 +3,9 @@
 Keys are those of ``peft.get_peft_model_state_dict``:
 ``base_model.model.<HF module>.lora_A.weight`` / ``.lora_B.weight`` / ``.lora_B.bias`` (lora_bias)
 / ``.lora_magnitude_vector`` (DoRA), ``.lora_embedding_A`` / ``.lora_embedding_B`` (embeddings),
-``base_model.model.<HF module>.weight`` (modules_to_save) and trainable base biases
-(``bias="all"`` / ``"lora_only"``). A fused Megatron adapter appears as one adapter per projection
+``base_model.model.<HF module>.weight`` (modules_to_save), ``.base_layer.bias`` (the adapted
+rows ``bias="lora_only"`` trains) and every base bias ``bias="all"`` trains (``<module>.bias``, or
+``.base_layer.bias`` on adapted modules). A fused Megatron adapter appears as one adapter per projection
 sharing the same A; vocabulary padding is cut off.
 """
 
@@ -13,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dist_lora.adapters.biases import all_trained_biases, trained_biases
 from dist_lora.adapters.model import view
-from dist_lora.adapters.registry import adapter_layers, require_adapter, saved_modules, wrappers
+from dist_lora.adapters.registry import adapter_layers, registry, require_adapter, saved_modules, wrappers
 from dist_lora.checkpoint.peft_names import PREFIX, bias_key, join_fused, peft_key, split_fused
 from dist_lora.integrations.deepspeed import gathered, is_partitioned
 from dist_lora.layers.adapter_layer import AdapterLayer
@@ -26,8 +28,10 @@ from dist_lora.parallel.collectives import all_gather_object, all_gather_tensors
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every tensor an adapter state dict reads or writes: factors, modules_to_save copies and
     base biases, never a base weight (so ZeRO-3 gathers only these for export / loading)."""
-    return [p for _, wrapper in wrappers(model) for name, p in wrapper.named_parameters()
-            if not (name.startswith("base_layer.") and not name.endswith(".bias"))]
+    params = {id(p): p for _, wrapper in wrappers(model) for name, p in wrapper.named_parameters()
+              if not (name.startswith("base_layer.") and not name.endswith(".bias"))}
+    params.update({id(p): p for p in all_trained_biases(model, list(registry(model).configs))})
+    return list(params.values())
 
 
 def _kind(layer: AdapterLayer, factors: LoraFactors | None = None) -> str:
@@ -55,27 +59,13 @@ def _factor_entries(layer: AdapterLayer, factors: LoraFactors, spec, gradients: 
 
 
 def _bias_entries(model: nn.Module, adapter: str, gradients: bool) -> dict[str, torch.Tensor]:
-    """Trainable base biases (``bias="all"`` / ``"lora_only"``), as PEFT names them."""
-    mode = require_adapter(model, adapter).bias
-    if mode == "none":
-        return {}
+    """The base biases ``bias="all"`` trains, every one of them, as PEFT names them."""
     out, spec = {}, view(model).spec
-    for name, layer in adapter_layers(model):
-        bias = getattr(layer.base_layer, "bias", None)
-        if bias is None:
-            continue
-        slots = layer.factors_of(adapter)
-        if mode == "lora_only" and not slots:
-            continue
-        layout = FactorLayout(dim=0) if layer.shard.kind == "column" else FactorLayout()
-        value = bias.grad if gradients else bias
-        full = _gather(torch.zeros_like(bias) if value is None else value, layout, layer.shard.tp_group)
-        fused, hf_names = layer.fused_layout, layer.hf_names
-        adapted = {n for s in slots.values() for n in s.slot.hf_names}
-        for hf, tensor in split_fused(fused, full, hf_names, spec, shared=False).items():
-            if mode == "lora_only" and hf not in adapted:
-                continue
-            out[bias_key(hf, hf in adapted)] = tensor.clone()
+    for b in trained_biases(model, adapter):
+        value = b.param.grad if gradients else b.param
+        full = _gather(torch.zeros_like(b.param) if value is None else value, b.layout, b.tp_group)
+        for hf, tensor in split_fused(b.fused, full, b.hf_names, spec, shared=False).items():
+            out[bias_key(hf, hf in b.adapted)] = tensor.clone()
     return out
 
 
@@ -112,29 +102,22 @@ def _adapter_state_dict(model: nn.Module, adapter_name: str, gradients: bool) ->
     return dict(sorted(view(model).gather_stages(out).items()))
 
 
-def _load_biases(model: nn.Module, state: dict, spec) -> set[str]:
-    """Copy base biases present in ``state`` (``bias="all"`` / ``"lora_only"``) into their shards."""
+def _load_biases(model: nn.Module, adapter: str, state: dict, spec) -> set[str]:
+    """Copy the base biases ``bias="all"`` trains from ``state`` into their shards; a bias the
+    state lacks keeps its value (PEFT saves every bias, but a fused bias may come in parts)."""
     used = set()
-    for _, layer in adapter_layers(model):
-        bias = getattr(layer.base_layer, "bias", None)
-        if bias is None:
-            continue
-        fused, hf_names = layer.fused_layout, layer.hf_names
+    for b in trained_biases(model, adapter):
         keys = {}
-        for hf in hf_names:
+        for hf in b.hf_names:
             for key in (bias_key(hf, True), bias_key(hf, False)):
                 if key in state:
                     keys[hf] = key
         if not keys:
             continue
-        parts = {hf: state[keys[hf]] if hf in keys else None for hf in hf_names}
-        local_full = _gather(bias, FactorLayout(dim=0) if layer.shard.kind == "column" else FactorLayout(),
-                             layer.shard.tp_group)
-        current = split_fused(fused, local_full, hf_names, spec, shared=False)
-        parts = {hf: (p if p is not None else current[hf]) for hf, p in parts.items()}
-        full = join_fused(fused, parts, hf_names, spec, shared=False)
-        layout = FactorLayout(dim=0) if layer.shard.kind == "column" else FactorLayout()
-        bias.data.copy_(layout.local(full.to(bias.dtype), layer.shard.tp, layer.shard.rank))
+        current = split_fused(b.fused, _gather(b.param, b.layout, b.tp_group), b.hf_names, spec, shared=False)
+        parts = {hf: state[keys[hf]] if hf in keys else current[hf] for hf in b.hf_names}
+        full = join_fused(b.fused, parts, b.hf_names, spec, shared=False)
+        b.param.data.copy_(b.layout.local(full.to(b.param.dtype), b.tp, b.rank))
         used.update(keys.values())
     return used
 
@@ -172,7 +155,7 @@ def set_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ada
                         raise KeyError(f"the state dict lacks {key}")
                     used.add(key)
                     module.copies[adapter_name].copy_(module.layout.local(state[key], module.shard.tp, module.shard.rank))
-            used.update(_load_biases(model, state, spec))
+            used.update(_load_biases(model, adapter_name, state, spec))
     everyone = set().union(*all_gather_object(used))
     # PEFT stores the base embedding / lm_head weights next to adapters that target them
     # (``save_embedding_layers``); they are base weights, not part of the adapter.

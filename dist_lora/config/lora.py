@@ -21,9 +21,6 @@ from dist_lora.config.init_names import check_init_method
 
 BIAS_OPTIONS = ("none", "all", "lora_only")
 
-# PEFT config keys that only describe the adapter; kept as they are.
-_DESCRIPTIVE = ("task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-                "peft_version")
 # PEFT keys dist_lora does not implement, with the value that means "off".
 _UNSUPPORTED_DEFAULTS = {
     "fan_in_fan_out": False, "megatron_config": None, "megatron_core": "megatron.core",
@@ -92,6 +89,8 @@ class LoraConfig:
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
     inference_mode: bool = False
+    auto_mapping: Optional[dict] = None
+    peft_version: Optional[str] = None
     peft_type: str = "LORA"
 
     # Fields that training changes (AdaLoRA's learned ``rank_pattern``): loading a checkpoint into
@@ -177,10 +176,8 @@ class LoraConfig:
     # -- JSON round trip ------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """PEFT's ``adapter_config.json`` keys and values."""
+        """PEFT's ``adapter_config.json`` keys and values (lists in the order they were given)."""
         out = dataclasses.asdict(self)
-        if isinstance(out["target_modules"], list):
-            out["target_modules"] = sorted(out["target_modules"])
         out.update(copy.deepcopy(_UNSUPPORTED_DEFAULTS))
         return out
 
@@ -195,7 +192,7 @@ class LoraConfig:
             elif key in _UNSUPPORTED_DEFAULTS:
                 if value not in (_UNSUPPORTED_DEFAULTS[key], None, {}, False):
                     raise ValueError(f"{key}={value!r} is not supported by dist_lora")
-            elif key not in _DESCRIPTIVE:
+            else:
                 ignored.append(key)
         if ignored:
             warnings.warn(f"ignored adapter_config.json keys: {sorted(ignored)}", stacklevel=2)

@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from dist_lora.layers.bias import merge_trained_bias, unmerge_trained_bias
 from dist_lora.layers.factors import LoraFactors
 from dist_lora.layers.sharding import BaseShard
 from dist_lora.layers.slots import Slot
@@ -99,6 +100,8 @@ class AdapterLayer(BaseWrapper):
         for factors, merged, norm in self.merge_candidates(adapter):
             self._write_rows(factors.slot, merged)
             factors.merged_norm = norm
+            if factors.trained_bias is not None:  # first: the rows it replaces are the base's own
+                merge_trained_bias(self, factors)
             if factors.lora_bias is not None:
                 self._add_to_bias(factors.slot, factors.scaling * factors.lora_bias)
         self.merged_adapters.append(adapter)
@@ -115,6 +118,8 @@ class AdapterLayer(BaseWrapper):
             factors.merged_norm = None
             if factors.lora_bias is not None:
                 self._add_to_bias(factors.slot, -factors.scaling * factors.lora_bias)
+            if factors.trained_bias is not None:  # last: the saved rows are exactly the base's
+                unmerge_trained_bias(self, factors)
         self.merged_adapters.remove(adapter)
 
     # -- weight access (subclasses override where the layout differs) --------------------

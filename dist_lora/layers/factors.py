@@ -7,7 +7,13 @@ tensor                        global shape                sharded like
 ``lora_B``                    [out_slot, r]               ``Slot.b_layout`` (column: on out)
 ``lora_bias`` (lora_bias)     [out_slot]                  like ``lora_B`` rows
 ``lora_magnitude_vector``     [out_slot]                  like ``lora_B`` rows (DoRA)
+``trained_bias`` (lora_only)  [out_slot]                  like ``lora_B`` rows
 ============================  ==========================  ====================================
+
+``trained_bias`` (``bias="lora_only"``) is this slot's trainable copy of the base bias rows it
+covers; the base bias itself stays frozen, so rows of projections the adapter does not cover
+are in no trainable tensor (:mod:`dist_lora.layers.bias`). PEFT names it
+``<module>.base_layer.bias``.
 
 For embeddings PEFT names the factors ``lora_embedding_A`` [r, vocab] and ``lora_embedding_B``
 [h, r]; they live in the same two attributes here.
@@ -46,25 +52,30 @@ class LoraFactors(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(b_rows, r, dtype=dtype))
         self.lora_bias = nn.Parameter(torch.zeros(b_rows, dtype=dtype)) if lora_bias else None
         self.lora_magnitude_vector = nn.Parameter(torch.ones(b_rows, dtype=dtype)) if use_dora else None
+        self.register_parameter("trained_bias", None)  # see own_bias
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # DoRA: weight norm frozen at merge time, needed to unmerge exactly (as PEFT caches it).
         self.merged_norm: torch.Tensor | None = None
+        self.replaced_bias: torch.Tensor | None = None  # base bias rows a merged trained_bias replaced
+
+    def own_bias(self, rows: torch.Tensor) -> None:
+        """``bias="lora_only"``: train a copy of the base bias rows this slot covers (``rows``,
+        this rank's [rows_local] of the base bias), in the adapter's dtype."""
+        self.trained_bias = nn.Parameter(rows.detach().to(self.lora_A.dtype, copy=True))
 
     def layouts(self) -> dict[str, FactorLayout]:
         """Layout of each tensor attribute that is present."""
         out = {"lora_A": self.a_layout, "lora_B": self.slot.b_layout}
-        if self.lora_bias is not None:
-            out["lora_bias"] = self.slot.b_layout  # rows of B; dim 0 is the only dim
-        if self.lora_magnitude_vector is not None:
-            out["lora_magnitude_vector"] = self.slot.b_layout
+        for name in ("lora_bias", "lora_magnitude_vector", "trained_bias"):
+            if getattr(self, name) is not None:
+                out[name] = self.slot.b_layout  # [out_slot], split like B's rows
         return out
 
     def global_shapes(self, shard: BaseShard) -> dict[str, tuple[int, ...]]:
         shapes = {"lora_A": (self.r, shard.in_features), "lora_B": (self.slot.out_features, self.r)}
-        if self.lora_bias is not None:
-            shapes["lora_bias"] = (self.slot.out_features,)
-        if self.lora_magnitude_vector is not None:
-            shapes["lora_magnitude_vector"] = (self.slot.out_features,)
+        for name in ("lora_bias", "lora_magnitude_vector", "trained_bias"):
+            if getattr(self, name) is not None:
+                shapes[name] = (self.slot.out_features,)
         return shapes
 
     @torch.no_grad()
@@ -89,6 +100,11 @@ class LoraFactors(nn.Module):
     def capacity(self) -> int:
         """Rank of the tensors: ``r``, or the rank they were padded to for hotswapping."""
         return self._capacity
+
+    def set_rank(self, r: int) -> None:
+        """The rank tensors were replaced by ones of rank ``r`` (AdaLoRA's shrink): ``r`` and the
+        capacity both become ``r``."""
+        self.r = self._capacity = r
 
     @property
     def vacant(self) -> bool:

@@ -29,6 +29,9 @@ is split like W, ``B`` [out, r] replicated.
 column layers and all-reduced on row layers (:mod:`dist_lora.layers.dora`); the magnitude m is
 split like B on column layers and replicated (``copy_to_group`` under SP) on row layers.
 
+**Dropout** masks are equal on every rank where x is replicated and independent where it is
+split (row layers, SP): :mod:`dist_lora.layers.dropout`.
+
 **Merge** folds ``s * B_i A`` (column) or ``s * B A_i`` (row) into the local shard: no gather.
 """
 
@@ -38,7 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from dist_lora.layers.adapter_layer import AdapterLayer
+from dist_lora.layers.bias import add_trained_biases
 from dist_lora.layers.dora import dora_output, row_norm
+from dist_lora.layers.dropout import dropped_inputs
 from dist_lora.layers.factors import LoraFactors
 from dist_lora.parallel.collectives import (
     copy_to_group,
@@ -65,12 +70,12 @@ class LoraLinear(AdapterLayer):
         if not live:
             return (y, *rest) if rest is not None else y
         all_factors = [factors for _, factors in live]
-        inputs = [factors.dropout(x.to(factors.lora_A.dtype)) for factors in all_factors]
+        inputs = dropped_inputs(x, all_factors, self.shard)  # one mask per TP rank where x is split
         delta = None
         for factors, x_in, h in zip(all_factors, inputs, self._hiddens(inputs, all_factors)):
             d = factors.slot.place(self._slot_delta(x_in, h, y, base_bias, factors), y.shape[-1])
             delta = d if delta is None else delta + d
-        y = y + delta.to(y.dtype)
+        y = add_trained_biases(y + delta.to(y.dtype), self, all_factors)  # bias="lora_only" rows
         return (y, *rest) if rest is not None else y
 
     # -- forward pieces ------------------------------------------------------------------

@@ -124,11 +124,7 @@ def initialize(
         distributed_timeout_minutes=timeout / 60,  # Megatron's groups would otherwise wait 30 minutes
     )
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    if megatron_cpu.cuda_present():
-        model_parallel_cuda_manual_seed(seed)
-    else:
-        megatron_cpu.seed_model_parallel(seed, tp_rank)
-    torch.manual_seed(seed)
+    reseed(seed)
 
     _current = ParallelGroups(
         rank=dist.get_rank(),
@@ -151,6 +147,18 @@ def initialize(
         embedding_group=parallel_state.get_embedding_group(check_initialized=False),
     )
     return _current
+
+
+def reseed(seed: int) -> None:
+    """Seed every random stream of training as :func:`initialize` does: the default generator
+    (equal on every rank) and Megatron's RNG tracker, whose model-parallel state (``seed + 2718 +
+    tp_rank``) draws attention dropout and the LoRA dropout of TP-split inputs. Use it to repeat
+    a run in the same processes; Megatron's parallel state must be initialised."""
+    if megatron_cpu.cuda_present():
+        model_parallel_cuda_manual_seed(seed)
+    else:
+        megatron_cpu.seed_model_parallel(seed, parallel_state.get_tensor_model_parallel_rank())
+    torch.manual_seed(seed)
 
 
 def shutdown() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import peft
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -62,10 +61,22 @@ def test_merge_from_a_sharded_checkpoint_and_the_cli(base, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
 
 
-def test_tied_embeddings_are_refused(tmp_path):
+@pytest.mark.parametrize("targets", [dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+                                     dict(target_modules=["lm_head", "embed_tokens"])])
+def test_a_tied_base_is_released_untied_with_the_trained_logits(tmp_path, targets):
+    """A saved head (which PEFT's merge unties too) or LoRA on the tied head / embedding (which
+    PEFT would fold into the one shared weight): the release has its own lm_head."""
     save_tiny(TINY_CONFIGS["qwen2"], tmp_path / "qwen")
-    reference = peft.get_peft_model(hf_model(TINY_CONFIGS["qwen2"]), peft.LoraConfig(target_modules=["lm_head"]))
+    reference = peft_model("qwen2", dict(targets, r=4, lora_alpha=8, init_lora_weights=False))
+    if "modules_to_save" in targets:
+        with torch.no_grad():
+            reference.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.05)  # a trained head
     reference.save_pretrained(tmp_path / "adapter")
-    with pytest.raises(ValueError, match="ties lm_head to embed_tokens"):
-        merge_release(tmp_path / "qwen", tmp_path / "adapter", tmp_path / "merged", progress=False)
-    assert not (tmp_path / "merged").exists()
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    merge_release(tmp_path / "qwen", tmp_path / "adapter", tmp_path / "merged", progress=False)
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert rel_error(merged(ids).logits, expected) <= 1e-5
