@@ -110,8 +110,8 @@ def _verify(args) -> int:
             else:
                 import_peft(model, peft_dir)
             spec = models.model_info(model).spec
-            ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq),
-                                generator=torch.Generator().manual_seed(args.seed))
+            ids = torch.randint(0, spec.vocab_size, (args.batch, args.seq), device="cpu",
+                                generator=torch.Generator(device="cpu").manual_seed(args.seed))
             ours = models.logits(model, ids)
         finally:
             parallel.shutdown()

@@ -86,7 +86,7 @@ def _make_tracker_class():
                 raise ValueError(f"rng state {name} already exists")
             self._is_initialized = True
             self.seeds_.add(seed)
-            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+            self.states_[name] = torch.Generator(device="cpu").manual_seed(seed).get_state()
 
         @contextlib.contextmanager
         def fork(self, name=mpu_random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
@@ -105,12 +105,12 @@ def _make_tracker_class():
 
 def _causal_mask(sq: int) -> torch.Tensor:
     """True above the diagonal: key j is hidden from query i when j > i."""
-    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool, device="cpu"), diagonal=1)
 
 
 def _sliding_window_mask(sq: int, skv: int, window_size) -> torch.Tensor:
     """True where key j is outside ``[i - window_size[0], i + window_size[1]]`` (end-aligned)."""
-    keep = torch.ones(sq, skv, dtype=torch.bool)
+    keep = torch.ones(sq, skv, dtype=torch.bool, device="cpu")
     keep = torch.triu(keep, diagonal=skv - sq - window_size[0])
     keep = torch.tril(keep, diagonal=skv - sq + window_size[1])
     return ~keep

@@ -11,10 +11,11 @@ from dist_lora.integrations.megatron import (
     TransformerConfig,
     get_gpt_layer_local_spec,
 )
-from dist_lora.integrations.megatron_cpu import cpu_device_mode
+from dist_lora.integrations.megatron_cpu import cpu_device_mode, cuda_present
 from dist_lora.models.norm import TorchNorm
 from dist_lora.models.spec import ModelSpec
 from dist_lora.parallel import ParallelGroups
+from dist_lora.parallel.device import local_device
 
 
 def transformer_config(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dtype) -> TransformerConfig:
@@ -43,7 +44,7 @@ def transformer_config(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dty
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         attention_softmax_in_fp32=True,
-        use_cpu_initialization=True,
+        use_cpu_initialization=not cuda_present(),  # with CUDA, Megatron allocates on the current device
         perform_initialization=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -58,7 +59,8 @@ def transformer_config(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dty
 
 
 def build_gpt(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dtype) -> GPTModel:
-    """A ``GPTModel`` with this stage's layers; weights are uninitialised until loaded."""
+    """A ``GPTModel`` with this stage's layers on the local device (``cuda:LOCAL_RANK`` with CUDA,
+    else the CPU); weights are uninitialised until loaded."""
     config = transformer_config(spec, groups, dtype)
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.input_layernorm = TorchNorm
@@ -81,4 +83,4 @@ def build_gpt(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dtype) -> GP
             rope_scaling_factor=spec.rope_llama3_factor or 8.0,
             parallel_output=True,
         )
-    return model
+    return model.to(local_device())  # a no-op for what Megatron already allocated there

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import torch
 
+from dist_lora.parallel.device import local_device
+
 
 class TorchNorm:
     """Factory with the signature Megatron's ``build_module`` calls norms with."""
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        where = dict(dtype=config.params_dtype, device=local_device())  # where the model is built
         if config.normalization == "RMSNorm":
-            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps, **where)
         elif config.normalization == "LayerNorm":
-            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps, **where)
         else:
             raise ValueError(f"normalization {config.normalization!r} is not supported (RMSNorm, LayerNorm)")
         for param in norm.parameters():

@@ -23,6 +23,7 @@ from dist_lora.integrations.megatron import (
 from dist_lora.integrations.megatron_cpu import cpu_device_mode
 from dist_lora.models.loading import model_info
 from dist_lora.parallel.collectives import all_reduce_, broadcast_, reduce_from_group
+from dist_lora.parallel.device import module_device
 
 IGNORE_INDEX = -100
 
@@ -55,7 +56,7 @@ def _mean_loss(local_logits, labels, spec, groups) -> torch.Tensor:
 def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_microbatches: int = 1,
                      forward_only: bool = False) -> torch.Tensor:
     """Mean token loss of the batch (mean over micro-batches of their token means), on every
-    rank; gradients are accumulated into ``.grad`` unless ``forward_only``.
+    rank, on the model's device; gradients are accumulated into ``.grad`` unless ``forward_only``.
 
     ``input_ids`` and ``labels`` are [batch, seq] (labels already shifted; -100 is ignored);
     the batch splits into ``num_microbatches`` equal micro-batches along dim 0.
@@ -67,10 +68,11 @@ def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_m
         raise ValueError(f"batch size {batch} does not split into {num_microbatches} micro-batches")
     if groups.sequence_parallel and seq % groups.tp_size:
         raise ValueError(f"sequence length {seq} must be divisible by the TP size {groups.tp_size} with SP")
-    ids_mb, labels_mb = input_ids.chunk(num_microbatches), labels.chunk(num_microbatches)
-    positions = torch.arange(seq).unsqueeze(0).expand(batch // num_microbatches, -1)
+    device = module_device(model)  # the batch moves to the model; every tensor made here is made there
+    ids_mb, labels_mb = input_ids.to(device).chunk(num_microbatches), labels.to(device).chunk(num_microbatches)
+    positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch // num_microbatches, -1)
     if groups.pp_size == 1:
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         for ids, lab in zip(ids_mb, labels_mb):
             loss = _mean_loss(model(ids, positions, attention_mask=None), lab, spec, groups) / num_microbatches
             if not forward_only:
@@ -96,7 +98,7 @@ def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_m
             forward_step_func=forward_step, data_iterator=iter([None] * num_microbatches), model=[model],
             num_microbatches=num_microbatches, seq_length=seq, micro_batch_size=batch // num_microbatches,
             forward_only=forward_only)
-    total = torch.stack(losses).mean() if losses else torch.zeros(())
+    total = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
     return broadcast_(total.clone(), groups.pp_size - 1, groups.pp_group)
 
 
@@ -159,7 +161,7 @@ def clip_grad_norm(model, max_norm: float) -> float:
     for _, module in saved_modules(model):
         if module.layout.dim is not None:
             split.update(id(p) for p in module.copies.values())
-    total, grads = torch.zeros(()), []
+    total, grads = torch.zeros((), device=module_device(model)), []
     for param in model.parameters():
         if not param.requires_grad or param.grad is None:
             continue

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from dist_lora.integrations import megatron_cpu
 from dist_lora.integrations.megatron import model_parallel_cuda_manual_seed, parallel_state
+from dist_lora.parallel.device import check_gpus, choose_backend
 from dist_lora.parallel.groups import ParallelGroups
 from dist_lora.parallel.launch_env import detect
 
@@ -51,8 +52,12 @@ def initialize(
 
     torch.distributed is started from the launcher's environment (torchrun, Slurm, MPI, or a
     single process; see :mod:`dist_lora.parallel.launch_env`) unless it is already running. The
-    backend is nccl with CUDA and gloo without. Calling ``initialize`` again with another layout
-    tears down Megatron's parallel state and builds the new one on the same processes.
+    backend is nccl with CUDA and gloo without; ``backend`` overrides it (``"gloo"`` with CUDA lets
+    ranks share a GPU). With CUDA the current device becomes ``cuda:LOCAL_RANK``, the device models
+    are built on (:mod:`dist_lora.parallel.device`). nccl without CUDA, or more ranks on a node
+    than it has GPUs, raise on every rank before any process group starts. Calling
+    ``initialize`` again with another layout tears down Megatron's parallel state and builds the
+    new one on the same processes.
 
     ``timeout_s`` bounds every collective (default ``$DIST_LORA_TIMEOUT_S`` or 1800 s): a rank
     that dies makes the others fail within it instead of hanging.
@@ -63,8 +68,9 @@ def initialize(
         env = detect()
         _validate(env.world_size, tensor_parallel, pipeline_parallel, sequence_parallel)
         timeout = timeout_s or float(os.environ.get("DIST_LORA_TIMEOUT_S", DEFAULT_TIMEOUT_S))
-        chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
+        chosen = choose_backend(backend)  # device / backend selection: dist_lora.parallel.device
+        check_gpus(chosen, env.local_rank, tensor_parallel, pipeline_parallel)
+        if torch.cuda.is_available():  # nccl: one GPU per local rank (checked); gloo may share one
             torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         dist.init_process_group(
             backend=chosen,

@@ -54,7 +54,8 @@ def samples(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     n = len(stream) // (seq_len + 1)
     if n == 0:
         raise ValueError(f"the data holds {len(stream)} tokens, fewer than one sample of {seq_len + 1}")
-    return torch.tensor(stream[: n * (seq_len + 1)]).view(n, seq_len + 1)
+    # Host memory: the training loop's batches move to the model's device in forward_backward.
+    return torch.tensor(stream[: n * (seq_len + 1)], device="cpu").view(n, seq_len + 1)
 
 
 class Batches:
@@ -65,6 +66,6 @@ class Batches:
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         per_step = self.batch * self.dp_size
-        index = (torch.arange(per_step) + step * per_step) % len(self.data)
+        index = (torch.arange(per_step, device=self.data.device) + step * per_step) % len(self.data)
         rows = self.data[index.view(self.dp_size, self.batch)[self.dp_rank]]
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()

@@ -18,6 +18,7 @@ import torch
 
 from dist_lora.parallel import initialize, shutdown
 from dist_lora.parallel.collectives import all_reduce_
+from dist_lora.parallel.device import collective_device
 from dist_lora.testing.multiprocess import Context, checks_of
 
 
@@ -58,7 +59,7 @@ def main(module_name: str, workdir: str) -> int:
             except BaseException:  # noqa: BLE001 - a failing check (pytest.fail too) is a result, not a crash
                 results[case] = {"ok": False, "error": traceback.format_exc()}
             out.write_text(json.dumps(results))
-            all_reduce_(torch.zeros(1))  # keep the ranks in step between checks
+            all_reduce_(torch.zeros(1, device=collective_device()))  # keep the ranks in step between checks
     shutdown()
     return 0
 
