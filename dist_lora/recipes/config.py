@@ -55,7 +55,8 @@ class TrainSection:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     clip_grad: float = 1.0
-    dtype: str = "float32"  # float32 | bfloat16
+    dtype: str = "float32"  # float32 | bfloat16: the base model's dtype
+    adapter_dtype: str = "float32"  # float32 | base: the adapters' dtype on a bfloat16 base (float32: PEFT's default)
     seed: int = 1234
     log_every: int = 1
     stop_at: typing.Optional[int] = None  # end this run after this step (checkpointed), e.g. for a time limit
@@ -154,7 +155,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
     if config.data.tokenizer not in ("auto", "bytes"):
         raise ValueError(f"data.tokenizer must be auto or bytes, got {config.data.tokenizer!r}")
     if config.train.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"train.dtype must be float32 or bfloat16, got {config.train.dtype!r}")
+        hint = (" (float16 trains only with loss scaling, which the recipe does not do; use bfloat16)"
+                if config.train.dtype == "float16" else "")
+        raise ValueError(f"train.dtype must be float32 or bfloat16, got {config.train.dtype!r}{hint}")
+    if config.train.adapter_dtype not in ("float32", "base"):
+        raise ValueError(f"train.adapter_dtype must be float32 or base (the base model's train.dtype), "
+                         f"got {config.train.adapter_dtype!r}")
     if config.model.quantize not in (None, "nf4", "fp4"):
         raise ValueError(f"model.quantize must be nf4, fp4 or null, got {config.model.quantize!r}")
     for name in ("steps", "micro_batch_size", "micro_batches", "log_every"):

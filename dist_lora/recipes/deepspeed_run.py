@@ -57,8 +57,8 @@ def engine_config(config: FinetuneConfig) -> dict:
 
 
 def _loss(engine, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = engine(ids).logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+    logits = engine(ids.to(engine.device)).logits  # the host batch moves to the engine's device
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.to(logits.device).reshape(-1))
 
 
 def check(config: FinetuneConfig) -> None:
@@ -124,7 +124,7 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
 
     def logits(ids):
         with torch.no_grad():
-            return engine(ids).logits
+            return engine(ids.to(engine.device)).logits
 
     code = finish(model, logits, config, out, base, holdout, groups.rank, log, applied)
     parallel.shutdown()

@@ -45,6 +45,10 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
     model = models.from_pretrained(base, dtype=torch.float32 if t.dtype == "float32" else torch.bfloat16)
     holdout, batches = training_data(config, base, groups.dp_size, groups.dp_rank)
     applied = adapter.apply(model, config, batches, out)  # and the 4-bit base, if any
+    # Every rank's torch RNG from here on is the same: rank 0 alone drew the demo base's weights,
+    # and with lora_dropout the masks on TP-replicated inputs (column layers without SP) must be
+    # equal on every TP rank, or the replicated lora_A drifts apart (a resume restores the states).
+    torch.manual_seed(t.seed)
 
     use_megatron_ddp(model)  # DP gradients reduced in Megatron-Core's buckets
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=t.lr,
