@@ -33,6 +33,7 @@ class ParallelSection:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     sequence_parallel: bool = False
+    backend: typing.Optional[str] = None  # nccl | gloo; default: nccl with CUDA, gloo without
 
 
 @dataclass
@@ -158,6 +159,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
         hint = (" (float16 trains only with loss scaling, which the recipe does not do; use bfloat16)"
                 if config.train.dtype == "float16" else "")
         raise ValueError(f"train.dtype must be float32 or bfloat16, got {config.train.dtype!r}{hint}")
+    if config.parallel.backend not in (None, "nccl", "gloo"):
+        raise ValueError(f"parallel.backend must be nccl, gloo or null (nccl with CUDA, else gloo), "
+                         f"got {config.parallel.backend!r}")
     if config.train.adapter_dtype not in ("float32", "base"):
         raise ValueError(f"train.adapter_dtype must be float32 or base (the base model's train.dtype), "
                          f"got {config.train.adapter_dtype!r}")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from dist_lora import parallel
 from dist_lora.integrations import deepspeed as ds
 from dist_lora.parallel.collectives import all_reduce_
+from dist_lora.parallel.device import choose_backend
 from dist_lora.recipes import adapter
 from dist_lora.recipes.common import MetricsLog, base_dir, finish, latest, learning_rate, point_latest, training_data
 from dist_lora.recipes.config import FinetuneConfig
@@ -68,6 +69,10 @@ def check(config: FinetuneConfig) -> None:
     if config.parallel.tensor_parallel != 1 or config.parallel.pipeline_parallel != 1 or config.parallel.sequence_parallel:
         raise ValueError("the DeepSpeed path is data-parallel only: set parallel.tensor_parallel=1, "
                          "parallel.pipeline_parallel=1, parallel.sequence_parallel=false (or use launch/finetune.py)")
+    try:
+        choose_backend(config.parallel.backend)  # nccl without CUDA fails here, before any rank starts
+    except ValueError as err:
+        raise ValueError(f"parallel.{err}") from err
     adapter.check(config, "deepspeed")
     engine_config(config)
 
@@ -79,7 +84,7 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
     t = config.train
     check(config)
     ds_config = engine_config(config)
-    groups = parallel.initialize(1, 1, False, seed=t.seed)
+    groups = parallel.initialize(1, 1, False, seed=t.seed, backend=config.parallel.backend)
     out, checkpoints = Path(config.output.dir), Path(config.checkpoint.dir)
     if groups.rank == 0:
         out.mkdir(parents=True, exist_ok=True)

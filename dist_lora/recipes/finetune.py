@@ -20,6 +20,7 @@ import dist_lora as dl
 from dist_lora import models, parallel
 from dist_lora.models.training import clip_grad_norm, finalize_grads, forward_backward, use_megatron_ddp
 from dist_lora.parallel.collectives import all_reduce_
+from dist_lora.parallel.device import choose_backend
 from dist_lora.recipes import adapter
 from dist_lora.recipes.common import MetricsLog, base_dir, finish, latest, learning_rate, point_latest, training_data
 from dist_lora.recipes.config import FinetuneConfig
@@ -29,6 +30,10 @@ def check(config: FinetuneConfig) -> None:
     """What this runner needs beyond a valid recipe (checked before any process group starts)."""
     if config.deepspeed.config is not None:
         raise ValueError("deepspeed.config is set: run this recipe with launch/finetune_deepspeed.py")
+    try:
+        choose_backend(config.parallel.backend)  # nccl without CUDA fails here, before any rank starts
+    except ValueError as err:
+        raise ValueError(f"parallel.{err}") from err
     adapter.check(config, "megatron")
 
 
@@ -36,7 +41,8 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
     """Run the recipe on this process's ranks; returns the exit code."""
     p, t = config.parallel, config.train
     check(config)
-    groups = parallel.initialize(p.tensor_parallel, p.pipeline_parallel, p.sequence_parallel, seed=t.seed)
+    groups = parallel.initialize(p.tensor_parallel, p.pipeline_parallel, p.sequence_parallel, seed=t.seed,
+                                 backend=p.backend)
     out, checkpoints = Path(config.output.dir), Path(config.checkpoint.dir)
     if groups.rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -137,3 +137,21 @@ def the_check_catches_the_original_violations(ctx):
 
 
 test_device_seam_distributed = distributed_tests(__name__, world_size=2, prepare=prepare)
+
+
+@check("tp2")
+def a_dtype_the_base_cannot_take_fails_on_every_rank_before_reading(ctx):
+    import pytest
+
+    from dist_lora.models import hf_checkpoint
+
+    opened = []
+    real = hf_checkpoint.HFCheckpoint.__init__
+    hf_checkpoint.HFCheckpoint.__init__ = lambda self, *a, **k: (opened.append(1), real(self, *a, **k))[1]
+    try:
+        for dtype in (torch.float64, torch.int8):
+            with pytest.raises(collectives.RankError, match=rf"(?s)failed on 2 rank.*dtype={dtype} is not supported"):
+                models.from_pretrained(ctx.data["llama"], dtype=dtype)
+    finally:
+        hf_checkpoint.HFCheckpoint.__init__ = real
+    assert opened == [], "the checkpoint was opened before the dtype was checked"
