@@ -7,8 +7,8 @@ worker (dist_lora, bfloat16 base, float32 adapters, at TP2, TP2 + SP and PP2) mu
 ``K x floor`` of the float32 truth and within ``(K + 1) x floor`` of PEFT bf16. ``K = 2``: the
 Megatron model rounds in other places than Hugging Face's (RMSNorm, RoPE, attention), and the
 measured ratios ours / floor were 0.67 to 1.27 (logits and gradients, all scenarios and layouts).
-Different dropout masks, a lost scaling or a wrong shard are many times the floor; the adapters
-must be float32 (PEFT's autocast) and the bf16 DoRA-with-dropout path must run at all.
+Other dropout masks move the gradients by ~47x the floor (measured), so the masks really agree;
+the adapters must be float32 (PEFT's autocast) and the bf16 DoRA-with-dropout path must run at all.
 
 Scenarios: LoRA on every linear layer, rsLoRA with rank / alpha patterns, DoRA with dropout, and
 QLoRA (nf4 base computing in bfloat16, PEFT on the same dequantised weights). Dropout masks are
