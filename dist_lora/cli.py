@@ -124,7 +124,7 @@ def _verify(args) -> int:
             theirs = reference(ids).logits.float()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    diff = (ours - theirs).abs().max().item()
+    diff = (ours.cpu() - theirs).abs().max().item()  # peft runs on the host
     scale = theirs.abs().max().item()
     verdict = diff <= args.tolerance * max(1.0, scale)
     print(f"max |logits(dist_lora) - logits(peft)| = {diff:.3e} (max |logit| {scale:.3f}) on a "
