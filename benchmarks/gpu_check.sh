@@ -28,10 +28,11 @@ cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-benchmarks/results/gpu_check}}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python3}
+SITE=${GPU_CHECK_SITE:-/tmp/site}  # where the carried wheels are installed
 if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
     || { echo "installing .whl/ failed"; exit 3; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 start=$(date +%s)
