@@ -95,12 +95,20 @@ def check_gpus(backend: str, local_rank: int, tensor_parallel: int, pipeline_par
             f"lower tensor_parallel x pipeline_parallel, or pass backend='gloo' to let ranks share a GPU")
 
 
+def _native_bf16() -> bool:
+    """Whether the current GPU computes in bfloat16 natively (not by emulation)."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3 has no emulation flag
+        return torch.cuda.is_bf16_supported()
+
+
 def check_dtype(dtype: torch.dtype, setting: str = "dtype", device: torch.device | None = None) -> None:
     """A base dtype Megatron-Core trains in (float32, bfloat16, float16) and ``device`` computes in."""
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"{setting}={dtype} is not supported: a model is built in torch.float32, "
                          f"torch.bfloat16 or torch.float16")
     device = local_device() if device is None else device
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if dtype == torch.bfloat16 and device.type == "cuda" and not _native_bf16():
         raise ValueError(f"{setting}=torch.bfloat16 is not supported by {torch.cuda.get_device_name(device)} "
                          f"(bfloat16 needs compute capability 8.0 or newer); use torch.float16 or torch.float32")
