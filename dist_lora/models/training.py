@@ -4,8 +4,9 @@
 the sum of exponentials and the target logit are reduced over TP with differentiable
 collectives, and the padding rows of the vocabulary are masked to -inf so they never count.
 ``forward_backward`` runs micro-batches (through Megatron's pipeline schedule when PP > 1) and
-returns the loss on every rank; ``finalize_grads`` averages gradients over data-parallel ranks
-and sums the partial gradients of sequence-parallel parameters over TP.
+returns the token-mean loss of the global batch on every rank; ``finalize_grads`` averages
+gradients over data-parallel ranks and sums the partial gradients of sequence-parallel
+parameters over TP.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dist_lora.integrations.megatron import (
 from dist_lora.integrations.megatron_cpu import cpu_device_mode
 from dist_lora.models.loading import model_info
 from dist_lora.parallel.collectives import all_reduce_, broadcast_, reduce_from_group
-from dist_lora.parallel.device import module_device
+from dist_lora.parallel.device import collective_device, module_device
 
 IGNORE_INDEX = -100
 
@@ -47,19 +48,41 @@ def cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor, vocab_size: 
     return loss.masked_fill(labels == IGNORE_INDEX, 0.0)
 
 
-def _mean_loss(local_logits, labels, spec, groups) -> torch.Tensor:
-    per_token = cross_entropy(local_logits, labels, spec.vocab_size, groups.tp_group, groups.tp_rank)
-    count = (labels != IGNORE_INDEX).sum().clamp(min=1)
-    return per_token.sum() / count
+def token_count(labels: torch.Tensor, groups) -> torch.Tensor:
+    """Collective over DP: the number of labels that count (not -100) in the global batch, the
+    local ``labels`` [batch, seq] summed over the data-parallel ranks (an int64 scalar)."""
+    count = (labels != IGNORE_INDEX).sum().to(torch.int64)
+    if groups.dp_size == 1:
+        return count
+    return all_reduce_(count.to(collective_device(groups.dp_group)), groups.dp_group)
+
+
+def _summed_loss(local_logits, labels, spec, groups) -> torch.Tensor:
+    return cross_entropy(local_logits, labels, spec.vocab_size, groups.tp_group, groups.tp_rank).sum()
+
+
+def _chunks(tensor: torch.Tensor | None, n: int) -> list:
+    return [None] * n if tensor is None else list(tensor.chunk(n))
 
 
 def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_microbatches: int = 1,
-                     forward_only: bool = False) -> torch.Tensor:
-    """Mean token loss of the batch (mean over micro-batches of their token means), on every
-    rank, on the model's device; gradients are accumulated into ``.grad`` unless ``forward_only``.
+                     forward_only: bool = False, position_ids: torch.Tensor | None = None,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Token-mean loss of the global batch, on every rank, on the model's device; gradients of
+    that mean are accumulated into ``.grad`` (or DDP's buckets) unless ``forward_only``.
 
-    ``input_ids`` and ``labels`` are [batch, seq] (labels already shifted; -100 is ignored);
-    the batch splits into ``num_microbatches`` equal micro-batches along dim 0.
+    The mean is over every label that is not -100 in the whole step: all micro-batches of all
+    data-parallel ranks, each token counted once however the tokens fall on micro-batches, ranks
+    and pipeline stages (what a single device computes on the concatenated batch). The count is
+    all-reduced over DP first; each micro-batch then back-propagates ``sum(loss) * dp / count``
+    (``finalize_grads`` divides by ``dp`` when it averages over DP ranks).
+
+    ``input_ids`` and ``labels`` are this DP rank's [batch, seq] (labels already shifted; -100 is
+    ignored); the batch splits into ``num_microbatches`` equal micro-batches along dim 0.
+    ``position_ids`` [batch, seq] default to ``0 .. seq-1``; ``attention_mask`` [batch, 1, seq, seq]
+    bool (True = may not attend, Megatron's convention) replaces the causal mask, e.g. a
+    block-diagonal causal mask for packed documents (refused for sliding-window models, whose
+    attention builds its own window mask and would ignore it).
     """
     info = model_info(model)
     groups, spec = info.groups, info.spec
@@ -68,38 +91,51 @@ def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_m
         raise ValueError(f"batch size {batch} does not split into {num_microbatches} micro-batches")
     if groups.sequence_parallel and seq % groups.tp_size:
         raise ValueError(f"sequence length {seq} must be divisible by the TP size {groups.tp_size} with SP")
+    if attention_mask is not None and spec.sliding_window is not None:
+        raise ValueError("an attention_mask cannot be combined with a sliding-window model: Megatron's local "
+                         "attention replaces it with its window mask (documents would see each other)")
     device = module_device(model)  # the batch moves to the model; every tensor made here is made there
-    ids_mb, labels_mb = input_ids.to(device).chunk(num_microbatches), labels.to(device).chunk(num_microbatches)
-    positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch // num_microbatches, -1)
+    input_ids, labels = input_ids.to(device), labels.to(device)
+    scale = groups.dp_size / token_count(labels, groups).clamp(min=1).item()
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=device).unsqueeze(0).expand(batch, -1)
+    position_ids = position_ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
+    micro = list(zip(input_ids.chunk(num_microbatches), labels.chunk(num_microbatches),
+                     position_ids.chunk(num_microbatches), _chunks(attention_mask, num_microbatches)))
     if groups.pp_size == 1:
         total = torch.zeros((), device=device)
-        for ids, lab in zip(ids_mb, labels_mb):
-            loss = _mean_loss(model(ids, positions, attention_mask=None), lab, spec, groups) / num_microbatches
+        for ids, lab, pos, mask in micro:
+            summed = _summed_loss(model(ids, pos, attention_mask=mask), lab, spec, groups)
             if not forward_only:
-                loss.backward()
-            total += loss.detach()
-        return total
-    batches = iter(zip(ids_mb, labels_mb))
-    losses = []
+                (summed * scale).backward()
+            total += summed.detach()
+    else:
+        batches = iter(micro)
+        sums = []
 
-    def forward_step(_iterator, chunk):
-        ids, lab = next(batches)
-        out = chunk(ids, positions, attention_mask=None)
+        def forward_step(_iterator, chunk):
+            ids, lab, pos, mask = next(batches)
+            out = chunk(ids, pos, attention_mask=mask)
 
-        def loss_func(output):
-            loss = _mean_loss(output, lab, spec, groups)
-            losses.append(loss.detach().clone())  # the schedule divides the returned tensor in place
-            return loss, {"loss": loss.detach()}
+            def loss_func(output):
+                summed = _summed_loss(output, lab, spec, groups)
+                sums.append(summed.detach().clone())
+                # Megatron's schedule divides a (loss, dict) result by num_microbatches: undo it
+                return summed * (scale * num_microbatches), {"loss": summed.detach()}
 
-        return out, loss_func
+            return out, loss_func
 
-    with cpu_device_mode():
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([None] * num_microbatches), model=[model],
-            num_microbatches=num_microbatches, seq_length=seq, micro_batch_size=batch // num_microbatches,
-            forward_only=forward_only)
-    total = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
-    return broadcast_(total.clone(), groups.pp_size - 1, groups.pp_group)
+        with cpu_device_mode():
+            get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter([None] * num_microbatches), model=[model],
+                num_microbatches=num_microbatches, seq_length=seq, micro_batch_size=batch // num_microbatches,
+                forward_only=forward_only)
+        total = torch.stack(sums).sum() if sums else torch.zeros((), device=device)
+        total = broadcast_(total.clone(), groups.pp_size - 1, groups.pp_group)
+    if groups.dp_size > 1:
+        total = all_reduce_(total.clone(), groups.dp_group)
+    return total * (scale / groups.dp_size)
 
 
 def use_megatron_ddp(model, bucket_size: int | None = None) -> None:

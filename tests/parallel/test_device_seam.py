@@ -33,8 +33,8 @@ HOST_ON_PURPOSE = {
     "dist_lora/parallel/collectives.py": "tensors are hashed from host copies (all_equal_tensors)",
     "dist_lora/parallel/device.py": "the CPU is the local device without CUDA",
     "dist_lora/parallel/linalg.py": "the randomised SVD's sketch from a CPU generator, then moved",
-    "dist_lora/recipes/common.py": "peft verifies on the host",
-    "dist_lora/recipes/data.py": "the training data stays in host memory; batches move to the model",
+    "dist_lora/recipes/data/samples.py": "the training data stays in host memory; batches move to the model",
+    "dist_lora/recipes/report.py": "peft verifies on the host",
 }
 
 
