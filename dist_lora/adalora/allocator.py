@@ -41,6 +41,7 @@ from dist_lora.parallel.collectives import (
     on_every_rank,
     raise_if_any,
 )
+from dist_lora.parallel.device import collective_device
 
 _ATTR = "dist_lora_adalora_allocators"
 _ROLES = ("lora_A", "lora_E", "lora_B")
@@ -136,7 +137,7 @@ def _global_pattern(model: nn.Module, scores: dict[str, torch.Tensor], state: Al
                     budget: int) -> dict[str, list[bool]]:
     """Kept flags of every module of the whole model (all PP stages), from one global threshold."""
     group = pp_group(model)
-    local = {name: s.detach().clone() for name, s in scores.items()}
+    local = {name: s.detach().to("cpu", copy=True) for name, s in scores.items()}  # pickled: host copies
     everything = {}
     for part in all_gather_object(local, group) if group is not None else [local]:
         everything.update(part)
@@ -168,7 +169,7 @@ def _apply_pattern(model: nn.Module, adapter_name: str, pattern: dict[str, list[
         key = f"{name}.lora_E"
         if key not in pattern:
             raise KeyError(f"rank_pattern has no entry {key!r}; it was learned on another model")
-        flags = torch.tensor(pattern[key], dtype=torch.bool)
+        flags = torch.tensor(pattern[key], dtype=torch.bool, device=f.lora_E.device)
         if flags.numel() == f.r:
             f.apply_mask(flags)
         elif f.r != int(flags.sum()):  # shrunk layers hold exactly their kept triplets
@@ -178,7 +179,7 @@ def _apply_pattern(model: nn.Module, adapter_name: str, pattern: dict[str, list[
 def _check_same_step(global_step: int) -> None:
     """Collective over the whole job: one all-reduce of (step, -step) with max gives the largest
     and smallest step; every rank sees the same pair, so all raise together if they differ."""
-    extremes = torch.tensor([global_step, -global_step], dtype=torch.int64)
+    extremes = torch.tensor([global_step, -global_step], dtype=torch.int64, device=collective_device())
     all_reduce_(extremes, None, "max")
     high, low = int(extremes[0]), -int(extremes[1])
     if high != low:

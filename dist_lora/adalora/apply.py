@@ -18,8 +18,9 @@ from torch import nn
 from dist_lora.adalora.factors import SVDFactors
 from dist_lora.adapters.add import Plan, Step, add
 from dist_lora.adapters.journal import Journal
-from dist_lora.adapters.lora import adapter_dtype, check_target, ensure_wrapper
+from dist_lora.adapters.lora import check_target, ensure_wrapper
 from dist_lora.adapters.model import view
+from dist_lora.adapters.precision import check_adapter_dtype, placement
 from dist_lora.adapters.registry import existing
 from dist_lora.adapters.targets import select
 from dist_lora.config.adalora import AdaLoraConfig
@@ -29,14 +30,17 @@ from dist_lora.init.seeded import seeded_generator
 def _initial(config: AdaLoraConfig, shapes: dict, g: torch.Generator) -> dict:
     """PEFT's ``AdaLoraLayer``: ``randn`` for all three; ``init_lora_weights=True`` then sets
     Lambda to zero and P, Q to N(0, 0.02^2)."""
+    cpu = torch.device("cpu")  # a CPU generator: the same numbers on every device; load_global moves them
     if not config.init_lora_weights:
-        return {k: torch.randn(shapes[k], generator=g) for k in ("lora_A", "lora_E", "lora_B")}
-    return {"lora_A": torch.randn(shapes["lora_A"], generator=g) * 0.02, "lora_E": torch.zeros(shapes["lora_E"]),
-            "lora_B": torch.randn(shapes["lora_B"], generator=g) * 0.02}
+        return {k: torch.randn(shapes[k], generator=g, device=cpu) for k in ("lora_A", "lora_E", "lora_B")}
+    return {"lora_A": torch.randn(shapes["lora_A"], generator=g, device=cpu) * 0.02,
+            "lora_E": torch.zeros(shapes["lora_E"], device=cpu),
+            "lora_B": torch.randn(shapes["lora_B"], generator=g, device=cpu) * 0.02}
 
 
-def plan_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str, seed: int) -> Plan:
+def plan_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str, seed: int, adapter_dtype=None) -> Plan:
     """Validate on this rank (LoRA's target checks plus AdaLoRA's own); one step per projection."""
+    check_adapter_dtype(adapter_dtype)
     if existing(model):
         raise ValueError(f"the model already has adapters {sorted(existing(model))}; AdaLoRA trains exactly one "
                          f"adapter (as in PEFT): apply it to a model without adapters")
@@ -49,15 +53,16 @@ def plan_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str, see
                              f"({', '.join(c.slot.hf_names)}) instead of the fused layer {c.names[0]}")
         check_target(model, c, config.use_dora, config.lora_bias)
         plan.targets.append(c.hf_name)
-        plan.steps.append(Step(partial(_add_triplets, model, pool, config, adapter_name, c, seed)))
+        plan.steps.append(Step(partial(_add_triplets, model, pool, config, adapter_name, c, seed, adapter_dtype)))
     return plan
 
 
-def _add_triplets(model, pool, config: AdaLoraConfig, adapter_name: str, c, seed: int, journal: Journal) -> None:
+def _add_triplets(model, pool, config: AdaLoraConfig, adapter_name: str, c, seed: int, adapter_dtype,
+                  journal: Journal) -> None:
     module = ensure_wrapper(model, pool, c.module_path, journal)
     r, alpha = config.init_r, config.lora_alpha
     factors = SVDFactors(module.shard, c.slot, r, alpha, config.scaling_for(r, alpha), config.lora_dropout,
-                         adapter_dtype(model, module))
+                         *placement(model, module.base_layer, adapter_dtype))
     g = seeded_generator(seed, adapter_name, c.hf_name, c.slot.key)
     factors.load_global(_initial(config, factors.global_shapes(module.shard), g), module.shard)
     factors.hf_name = c.hf_name
@@ -65,7 +70,7 @@ def _add_triplets(model, pool, config: AdaLoraConfig, adapter_name: str, c, seed
 
 
 def apply_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "default",
-                  seed: int | None = None) -> nn.Module:
+                  seed: int | None = None, adapter_dtype=None) -> nn.Module:
     """Add AdaLoRA adapters (rank ``config.init_r``) to the targets of ``config``; freeze the rest.
 
     Works on any TP / SP / PP / DP layout of a dist_lora Megatron model and on plain ``torch.nn``
@@ -76,4 +81,5 @@ def apply_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str = "
     """
     if not isinstance(config, AdaLoraConfig):
         raise TypeError(f"apply_adalora needs an AdaLoraConfig, got {type(config).__name__}")
-    return add(model, config, adapter_name, plan_adalora, seed, what="adding AdaLoRA adapter")
+    return add(model, config, adapter_name, partial(plan_adalora, adapter_dtype=adapter_dtype), seed,
+               what="adding AdaLoRA adapter")

@@ -37,19 +37,21 @@ def _modules(state: dict) -> list[str]:
     return sorted(k[len(PREFIX):-len(".lora_E")] for k in state if k.endswith(".lora_E"))
 
 
-def _kept(config, module: str, rank: int) -> torch.Tensor:
-    """Indices of the kept triplets of ``module`` among its ``rank`` current ones."""
+def _kept(config, module: str, lambdas: torch.Tensor) -> torch.Tensor:
+    """Indices of the kept triplets of ``module`` among its current ones (``lambdas`` [rank, 1]),
+    on their device."""
+    rank = lambdas.shape[0]
     pattern = (config.rank_pattern or {}).get(f"{module}.lora_E")
     if pattern is None or len(pattern) != rank:  # no pattern yet, or already shrunk to it
-        return torch.arange(rank)
-    return torch.tensor(pattern, dtype=torch.bool).nonzero().view(-1)
+        return torch.arange(rank, device=lambdas.device)
+    return torch.tensor(pattern, dtype=torch.bool, device=lambdas.device).nonzero().view(-1)
 
 
 def _adalora_files(config, state: dict) -> tuple[dict, dict]:
     out = {}
     for module in _modules(state):
         base = f"{PREFIX}{module}."
-        keep = _kept(config, module, state[base + "lora_E"].shape[0])
+        keep = _kept(config, module, state[base + "lora_E"])
         out[base + "lora_A"] = state[base + "lora_A"][keep]
         out[base + "lora_E"] = state[base + "lora_E"][keep]
         out[base + "lora_B"] = state[base + "lora_B"][:, keep]
@@ -63,7 +65,7 @@ def _lora_files(config, state: dict) -> tuple[dict, dict]:
     scaling = config.scaling_for(config.init_r, config.lora_alpha)
     for module in _modules(state):
         base = f"{PREFIX}{module}."
-        keep = _kept(config, module, state[base + "lora_E"].shape[0])
+        keep = _kept(config, module, state[base + "lora_E"])
         if keep.numel() == 0:
             continue
         q, e, p = state[base + "lora_A"][keep], state[base + "lora_E"][keep], state[base + "lora_B"][:, keep]

@@ -35,10 +35,11 @@ class SVDFactors(LoraFactors):
     key_kind = "svd"
 
     def __init__(self, shard: BaseShard, slot: Slot, r: int, alpha: float, scaling: float, dropout: float,
-                 dtype: torch.dtype):
-        super().__init__(shard, slot, r, alpha, scaling, dropout, lora_bias=False, use_dora=False, dtype=dtype)
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__(shard, slot, r, alpha, scaling, dropout, lora_bias=False, use_dora=False, dtype=dtype,
+                         device=device)
         self.ranknum = float(r)
-        self.lora_E = nn.Parameter(torch.zeros(r, 1, dtype=dtype))
+        self.lora_E = nn.Parameter(torch.zeros(r, 1, dtype=dtype, device=device))
 
     def layouts(self) -> dict[str, FactorLayout]:
         return {**super().layouts(), "lora_E": REPLICATED}

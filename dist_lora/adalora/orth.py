@@ -20,6 +20,7 @@ from torch import nn
 
 from dist_lora.adalora.layers import adalora_config, pp_group, svd_factors
 from dist_lora.parallel.collectives import all_reduce_, reduce_from_group
+from dist_lora.parallel.device import module_device
 
 
 def _gram_distance(gram: torch.Tensor) -> torch.Tensor:
@@ -41,8 +42,9 @@ def orth_reg_loss(model: nn.Module, adapter_name: str = "default") -> torch.Tens
         if shard.tp > 1 and factors.slot.b_layout.dim is not None:
             p_gram = reduce_from_group(p_gram, shard.tp_group)
         terms += [_gram_distance(q_gram), _gram_distance(p_gram)]
-    total = torch.stack(terms).sum() if terms else torch.zeros(())
-    count = torch.tensor([float(len(terms))])
+    device = module_device(model)  # a stage without AdaLoRA layers still joins the PP reduction
+    total = torch.stack(terms).sum() if terms else torch.zeros((), device=device)
+    count = torch.tensor([float(len(terms))], device=device)
     group = pp_group(model)
     if group is not None:
         total = reduce_from_group(total, group)

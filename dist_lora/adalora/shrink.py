@@ -28,7 +28,7 @@ def shrink_to_rank_pattern(model: nn.Module, adapter_name: str = "default") -> d
     for name, _, f in svd_factors(model, adapter_name):
         flags = config.rank_pattern[f"{name}.lora_E"]
         if len(flags) == f.r:  # not shrunk yet
-            keep = torch.tensor(flags, dtype=torch.bool).nonzero().view(-1)
+            keep = torch.tensor(flags, dtype=torch.bool, device=f.lora_E.device).nonzero().view(-1)
             for role, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
                 old = getattr(f, role)
                 setattr(f, role, nn.Parameter(old.index_select(dim, keep).clone(), requires_grad=old.requires_grad))

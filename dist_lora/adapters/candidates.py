@@ -23,6 +23,7 @@ from dist_lora.layers.slots import WHOLE, Slot
 from dist_lora.layers.wrapper import BaseWrapper
 from dist_lora.models.fused import projection_rows
 from dist_lora.models.loading import ModelInfo
+from dist_lora.parallel.device import module_device
 
 _FUSED_LAYOUTS = ("qkv", "glu")
 
@@ -64,7 +65,7 @@ def megatron_candidates(model: nn.Module, info: ModelInfo) -> list[Candidate]:
             kind = {"vocab": "output" if local == "output_layer" else "embedding"}.get(entry.layout, "linear")
             vocab = FactorLayout(dim=0, size=spec.vocab_size, padded=spec.padded_vocab(groups.tp_size))
             if entry.layout in _FUSED_LAYOUTS:
-                rows = projection_rows(entry.layout, spec, groups.tp_size)
+                rows = projection_rows(entry.layout, spec, groups.tp_size, module_device(modules[local]))
                 total = 0
                 for i, name in enumerate(hf):
                     n_rows = len(rows[i]) * groups.tp_size

@@ -18,6 +18,7 @@ from dist_lora.adapters.add import Plan, Step, add
 from dist_lora.adapters.candidates import Candidate
 from dist_lora.adapters.journal import Journal
 from dist_lora.adapters.model import view
+from dist_lora.adapters.precision import check_adapter_dtype, placement
 from dist_lora.adapters.targets import rank_and_alpha, select
 from dist_lora.config.init_names import weight_method
 from dist_lora.config.lora import LoraConfig
@@ -33,22 +34,25 @@ from dist_lora.layers.sharding import BaseShard, FactorLayout
 
 
 def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
-                seed: int | None = None) -> nn.Module:
+                seed: int | None = None, adapter_dtype=None) -> nn.Module:
     """Add an adapter (inactive unless it is the first one); see :func:`apply_lora`."""
-    return add(model, config, adapter_name, plan_lora, seed)
+    return add(model, config, adapter_name, partial(plan_lora, adapter_dtype=adapter_dtype), seed)
 
 
 def apply_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
-               seed: int | None = None) -> nn.Module:
+               seed: int | None = None, adapter_dtype=None) -> nn.Module:
     """Wrap the layers ``config`` targets with LoRA adapters, in place; freeze everything else.
 
     Works on a dist_lora Megatron model (any TP / SP / PP / DP layout) and on plain
     ``torch.nn`` models. Factors are initialised from a generator seeded by ``seed`` (default:
     the seed given to ``parallel.initialize``), the adapter name and the module, identically on
     every rank, so replicated factors start equal and the adapter does not depend on the layout.
+    They live on the device of the weight they adapt, in ``adapter_dtype``: by default float32
+    on a bfloat16 / float16 base (else the base's dtype), ``"base"`` for the base's dtype, or a
+    floating dtype (:mod:`dist_lora.adapters.precision`).
     Collective; a failure on any rank leaves the model as it was on every rank.
     """
-    return add_adapter(model, config, adapter_name, seed)
+    return add_adapter(model, config, adapter_name, seed, adapter_dtype)
 
 
 # -- planning --------------------------------------------------------------------------------
@@ -71,8 +75,10 @@ def check_target(model: nn.Module, c: Candidate, use_dora: bool, lora_bias: bool
         raise ValueError(f"lora_bias=True is not supported on embedding layers ({c.hf_name})")
 
 
-def plan_lora(model: nn.Module, config: LoraConfig, adapter_name: str, seed: int) -> Plan:
-    """Validate ``config`` against this rank's part of ``model``; the steps that add it."""
+def plan_lora(model: nn.Module, config: LoraConfig, adapter_name: str, seed: int, adapter_dtype=None) -> Plan:
+    """Validate ``config`` (and ``adapter_dtype``) against this rank's part of ``model``; the steps
+    that add it."""
+    check_adapter_dtype(adapter_dtype)
     pool = view(model).candidates()
     plan = Plan()
     weight_driven = weight_method(config.init_lora_weights) is not None
@@ -84,7 +90,7 @@ def plan_lora(model: nn.Module, config: LoraConfig, adapter_name: str, seed: int
             check_weight_init(config, c, shard, r)
         communicates = shard.tp > 1 and (weight_driven or (config.use_dora and shard.kind == "row"))
         plan.targets.append(c.hf_name)
-        plan.steps.append(Step(partial(_add_slot, model, pool, config, adapter_name, c, r, alpha, seed),
+        plan.steps.append(Step(partial(_add_slot, model, pool, config, adapter_name, c, r, alpha, seed, adapter_dtype),
                                shard.tp_group if communicates else None))
     if config.bias == "all" and view(model).megatron:
         # Megatron drops the bias gradient of frozen-weight column layers; the wrapper restores it.
@@ -124,12 +130,6 @@ def shared_weight(model: nn.Module, module: nn.Module) -> torch.Tensor | None:
     return weight
 
 
-def adapter_dtype(model: nn.Module, module: AdapterLayer) -> torch.dtype:
-    """Adapters train in float32 on half-precision bases, else in the base's dtype."""
-    weight = shared_weight(model, module.base_layer)
-    return torch.float32 if weight is None or weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-
-
 def ensure_wrapper(model: nn.Module, pool: list[Candidate], path: str, journal: Journal) -> AdapterLayer:
     """The adapter wrapper at ``path``, created (with every slot the layer offers) if needed."""
     module = model.get_submodule(path)
@@ -145,10 +145,10 @@ def ensure_wrapper(model: nn.Module, pool: list[Candidate], path: str, journal: 
 
 
 def _add_slot(model, pool, config: LoraConfig, adapter_name: str, c: Candidate, r: int, alpha: float, seed: int,
-              journal: Journal) -> None:
+              adapter_dtype, journal: Journal) -> None:
     module = ensure_wrapper(model, pool, c.module_path, journal)
     factors = LoraFactors(module.shard, c.slot, r, alpha, config.scaling_for(r, alpha), config.lora_dropout,
-                          config.lora_bias, config.use_dora, adapter_dtype(model, module))
+                          config.lora_bias, config.use_dora, *placement(model, module.base_layer, adapter_dtype))
     kind = "embedding" if module.shard.kind == "embedding" else "linear"
     full = initial_factors(config.init_lora_weights, factors.global_shapes(module.shard), kind, r, seed,
                            adapter_name, c.hf_name, c.slot.key)

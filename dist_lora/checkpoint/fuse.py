@@ -40,7 +40,7 @@ def fuse_projections(model, config: LoraConfig, tensors: dict) -> tuple[LoraConf
         blocks = {}
         for n in names:
             rows = _rows_of(n, modules, model)
-            block = torch.zeros(rows, total, dtype=a.dtype)
+            block = torch.zeros(rows, total, dtype=a.dtype, device=a.device)
             if n in modules:
                 r = modules[n]["A"].shape[0]
                 block[:, offset:offset + r] = modules[n]["B"] * modules[n]["scaling"]
@@ -53,7 +53,7 @@ def fuse_projections(model, config: LoraConfig, tensors: dict) -> tuple[LoraConf
                 if any(fill in modules[p] for p in present):
                     value = modules[n].get(fill) if n in modules else None
                     if role == "lora_bias":
-                        value = (value * modules[n]["scaling"]) if value is not None else torch.zeros(blocks[n].shape[0])
+                        value = (value * modules[n]["scaling"]) if value is not None else blocks[n].new_zeros(blocks[n].shape[0])
                     out[peft_key(n, "linear", role)] = value
         consumed.update(present)
         targets.append(megatron)

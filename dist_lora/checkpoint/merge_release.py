@@ -130,4 +130,5 @@ def _torch_dtype(name: str) -> torch.dtype:
 
 
 def _nbytes(reader: HFCheckpoint, name: str) -> int:
-    return int(torch.Size(reader.shape(name)).numel()) * torch.empty((), dtype=_torch_dtype(reader.dtype_name(name))).element_size()
+    itemsize = torch.empty((), dtype=_torch_dtype(reader.dtype_name(name)), device="meta").element_size()
+    return int(torch.Size(reader.shape(name)).numel()) * itemsize

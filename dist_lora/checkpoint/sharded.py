@@ -186,7 +186,7 @@ class ShardReader:
             return self.read(next(iter(meta["files"])), key)
         tp = self.manifest["layout"]["tp"]
         out = torch.zeros([_extent(meta, tp) if d == meta["dim"] else s for d, s in enumerate(meta["shape"])],
-                          dtype=getattr(torch, meta["dtype"]))
+                          dtype=getattr(torch, meta["dtype"]), device="cpu")  # read into host memory
         for file, rank in meta["files"].items():
             for have in pieces(_extent(meta, tp), tp, rank, meta["stride"]):
                 part = self.read(file, key, meta["dim"], have.local_start, have.length)
@@ -199,7 +199,7 @@ class ShardReader:
         if meta["dim"] is None:
             return self.read(next(iter(meta["files"])), key)
         dim, stride, saved_tp = meta["dim"], meta["stride"], self.manifest["layout"]["tp"]
-        out = torch.zeros(local_shape, dtype=getattr(torch, meta["dtype"]))
+        out = torch.zeros(local_shape, dtype=getattr(torch, meta["dtype"]), device="cpu")  # host; copied to the model
         real = meta["shape"][dim]
         for need in pieces(_extent(meta, tp), tp, rank, stride):
             for file, saved_rank in meta["files"].items():

@@ -31,7 +31,7 @@ class StreamWriter:
         self.expected = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
         header, offset = {}, 0
         for name, dtype, shape in entries:
-            size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype, device="meta").element_size()
             header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         if metadata:

@@ -20,6 +20,7 @@ import torch
 
 from dist_lora.layers.sharding import FactorLayout
 from dist_lora.parallel import collectives as C
+from dist_lora.parallel.device import collective_device
 
 Part = tuple[torch.Tensor, bool]
 
@@ -44,6 +45,11 @@ def sortable_key(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits >= 0, bits, -magnitude)
 
 
+def _device(parts: list[Part], group) -> torch.device:
+    """The device of the shards (a rank holding none uses the group's collective device)."""
+    return parts[0][0].device if parts else collective_device(group)
+
+
 def kth_largest_keys(queries: list[list[Part]], ks: list[int], group) -> torch.Tensor:
     """For each query, the largest key ``T`` with ``#{key >= T} >= k`` over its global elements.
 
@@ -51,8 +57,9 @@ def kth_largest_keys(queries: list[list[Part]], ks: list[int], group) -> torch.T
     int64 tensor [len(queries)], identical on every rank of ``group``."""
     n = len(queries)
     first = C.group_rank(group) == 0
-    lo = torch.full((n,), torch.iinfo(torch.int64).max, dtype=torch.int64)
-    hi = torch.full((n,), torch.iinfo(torch.int64).min, dtype=torch.int64)
+    device = _device([part for parts in queries for part in parts], group)
+    lo = torch.full((n,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
+    hi = torch.full((n,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=device)
     candidates = []  # per query: this rank's counted keys still inside [lo, hi]
     for q, parts in enumerate(queries):
         keys = [sortable_key(local).reshape(-1) for local, _ in parts]
@@ -61,11 +68,11 @@ def kth_largest_keys(queries: list[list[Part]], ks: list[int], group) -> torch.T
                 lo[q] = torch.minimum(lo[q], k.min())
                 hi[q] = torch.maximum(hi[q], k.max())
         counted = [k for k, (_, sharded) in zip(keys, parts) if sharded or first]
-        candidates.append(torch.cat(counted) if counted else torch.zeros(0, dtype=torch.int64))
+        candidates.append(torch.cat(counted) if counted else torch.zeros(0, dtype=torch.int64, device=device))
     C.all_reduce_(lo, group, "min")
     C.all_reduce_(hi, group, "max")
-    want = torch.tensor(ks, dtype=torch.int64)
-    above = torch.zeros(n, dtype=torch.int64)  # this rank's counted keys > hi (dropped)
+    want = torch.tensor(ks, dtype=torch.int64, device=device)
+    above = torch.zeros(n, dtype=torch.int64, device=device)  # this rank's counted keys > hi (dropped)
     while bool((lo < hi).any()):  # lo, hi are identical on every rank: same number of rounds
         # ceil((lo + hi) / 2) without overflowing int64
         mid = (lo >> 1) + (hi >> 1) + (((lo & 1) + (hi & 1) + 1) >> 1)
@@ -88,13 +95,14 @@ def kth_largest_keys(queries: list[list[Part]], ks: list[int], group) -> torch.T
 def global_count(parts: list[Part], group) -> int:
     """Number of global elements of one query."""
     first = C.group_rank(group) == 0
-    total = torch.tensor([sum(t.numel() for t, sharded in parts if sharded or first)], dtype=torch.int64)
+    total = torch.tensor([sum(t.numel() for t, sharded in parts if sharded or first)], dtype=torch.int64,
+                         device=_device(parts, group))
     return int(C.all_reduce_(total, group).item())
 
 
 def value_at_key(parts: list[Part], key: torch.Tensor, group) -> torch.Tensor:
     """The global value whose key is ``key`` (the smallest value with key >= ``key``)."""
-    best = torch.tensor([float("inf")], dtype=torch.float64)
+    best = torch.tensor([float("inf")], dtype=torch.float64, device=_device(parts, group))
     for local, _ in parts:
         chosen = local[sortable_key(local) >= key]
         if chosen.numel():
@@ -105,7 +113,7 @@ def value_at_key(parts: list[Part], key: torch.Tensor, group) -> torch.Tensor:
 def quantile(parts: list[Part], q: float, dtype: torch.dtype, group) -> torch.Tensor:
     """``torch.quantile(cat(global elements), q)`` (linear interpolation), computed from shards."""
     n = global_count(parts, group)
-    position = torch.tensor(q, dtype=dtype) * (n - 1)
+    position = torch.tensor(q, dtype=dtype, device=_device(parts, group)) * (n - 1)
     below = int(position.floor().item())
     above = int(position.ceil().item())
     keys = kth_largest_keys([parts, parts], [n - below, n - above], group)

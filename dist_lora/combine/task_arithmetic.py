@@ -55,9 +55,9 @@ class Placement:
 
 
 def seeded_generator(seed: int, *names: str) -> torch.Generator:
-    """A CPU generator seeded from ``seed`` and ``names`` (same numbers on every rank)."""
+    """A CPU generator seeded from ``seed`` and ``names`` (same numbers on every rank and device)."""
     digest = hashlib.sha256("/".join((str(seed),) + names).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 DARE_BLOCK_ROWS = 256  # rows drawn per generator call: part of the mask's definition
@@ -65,12 +65,14 @@ DARE_BLOCK_ROWS = 256  # rows drawn per generator call: part of the mask's defin
 
 def dare_mask(shape: tuple[int, ...], density: float, seed: int, *names: str) -> torch.Tensor:
     """The global DARE keep-mask (float 0/1) of a tensor of ``shape``, named by ``names``: blocks
-    of ``DARE_BLOCK_ROWS`` rows drawn in order from one seeded generator."""
+    of ``DARE_BLOCK_ROWS`` rows drawn in order from one seeded generator, on the CPU (the same
+    mask on every device; :func:`prune` moves it)."""
     g = seeded_generator(seed, *names)
     rows, rest = shape[0], tuple(shape[1:])
-    blocks = [torch.bernoulli(torch.full((min(DARE_BLOCK_ROWS, rows - r0), *rest), float(density)), generator=g)
+    blocks = [torch.bernoulli(torch.full((min(DARE_BLOCK_ROWS, rows - r0), *rest), float(density), device="cpu"),
+                              generator=g)
               for r0 in range(0, rows, DARE_BLOCK_ROWS)]
-    return torch.cat(blocks) if blocks else torch.zeros(shape)
+    return torch.cat(blocks) if blocks else torch.zeros(shape, device="cpu")
 
 
 def local_dare_mask(where: Placement, density: float, seed: int, *names: str) -> torch.Tensor:
@@ -81,12 +83,13 @@ def local_dare_mask(where: Placement, density: float, seed: int, *names: str) ->
         return layout.local(dare_mask(shape, density, seed, *names), where.tp, where.rank)
     along = shape[layout.dim]
     view = (-1, 1) if layout.dim == 0 else (1, -1)
-    index = layout.local(torch.arange(1, along + 1).view(view), where.tp, where.rank).reshape(-1) - 1  # -1: padding
-    local = torch.zeros((index.numel(), shape[1]) if layout.dim == 0 else (shape[0], index.numel()))
+    positions = torch.arange(1, along + 1, device="cpu").view(view)
+    index = layout.local(positions, where.tp, where.rank).reshape(-1) - 1  # -1: padding
+    local = torch.zeros((index.numel(), shape[1]) if layout.dim == 0 else (shape[0], index.numel()), device="cpu")
     g = seeded_generator(seed, *names)
     for r0 in range(0, shape[0], DARE_BLOCK_ROWS):
-        block = torch.bernoulli(torch.full((min(DARE_BLOCK_ROWS, shape[0] - r0), shape[1]), float(density)),
-                                generator=g)
+        block = torch.bernoulli(torch.full((min(DARE_BLOCK_ROWS, shape[0] - r0), shape[1]), float(density),
+                                           device="cpu"), generator=g)
         if layout.dim == 0:
             mine = (index >= r0) & (index < r0 + block.shape[0])
             local[mine] = block[index[mine] - r0]
@@ -119,7 +122,7 @@ def prune(tensors: list[torch.Tensor], method: str | None, density: float | None
     out = []
     for t, name in zip(tensors, names):
         mask = local_dare_mask(where, density, seed, *name)
-        out.append(t * mask.to(t.dtype) / density)
+        out.append(t * mask.to(device=t.device, dtype=t.dtype) / density)  # the CPU-drawn mask moves to t
     return out
 
 
@@ -128,7 +131,7 @@ def merge(tensors: list[torch.Tensor], weights: list[float], how: str, density: 
     """PEFT's ``merge_utils.<how>`` of the global task tensors, on this rank's shards."""
     method, elect = MERGES[how]
     stacked = torch.stack(prune(tensors, method, density, where, seed, names))
-    w = torch.tensor(weights, dtype=stacked.dtype).view(-1, *([1] * (stacked.dim() - 1)))
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
     if not elect:
         return (stacked * w).sum(0)
     signs = stacked.sign()

@@ -27,6 +27,7 @@ from dist_lora.eva.svd import CommMeter, ShardedIncrementalPCA
 from dist_lora.models.forward import logits
 from dist_lora.models.loading import model_info
 from dist_lora.parallel.collectives import all_gather_object, all_reduce_, on_every_rank
+from dist_lora.parallel.device import collective_device
 
 RHO_THRESHOLD = 1000  # as PEFT: very large rho is capped by the largest weight dimension
 
@@ -138,7 +139,7 @@ def _forward(model, batch, mask, plan: EvaPlan, seq_multiple: int) -> None:
 def _agree(plan: EvaPlan, rank_dist: dict[str, int]) -> dict[str, bool]:
     """Converged flag of every leader, the same on every rank (min over all ranks)."""
     leaders = [n for n in plan.names if plan.leader[n] == n]
-    flags = torch.ones(len(leaders))
+    flags = torch.ones(len(leaders), device=collective_device())  # all-reduced over the world
     for i, name in enumerate(leaders):
         if name in plan.hooks:
             flags[i] = float(bool(plan.hooks[name].pca.converged[: rank_dist[name]].all()))

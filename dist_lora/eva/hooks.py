@@ -41,7 +41,7 @@ class EvaHook:
             mask = mask.chunk(shard.tp)[group_rank(shard.tp_group)]
         if shard.kind == "row" and not shard.input_is_parallel and shard.tp > 1:
             x = x.chunk(shard.tp, dim=-1)[group_rank(shard.tp_group)]
-        return x[mask]
+        return x[mask.to(x.device)]  # the batch's mask comes from the host
 
     @torch.no_grad()
     def __call__(self, module, args):

@@ -94,7 +94,8 @@ def _apply(model, config, updates, adapter_name: str) -> tuple[list, dict, dict]
             continue
         old = layer.factors_of(adapter_name)[key]
         factors = LoraFactors(layer.shard, old.slot, new_r, alpha, config.scaling_for(new_r, alpha),
-                              config.lora_dropout, config.lora_bias, config.use_dora, old.lora_A.dtype)
+                              config.lora_dropout, config.lora_bias, config.use_dora, old.lora_A.dtype,
+                              old.lora_A.device)
         if old.trained_bias is not None:
             factors.own_bias(old.trained_bias)
         with torch.no_grad():

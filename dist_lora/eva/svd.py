@@ -35,6 +35,14 @@ from __future__ import annotations
 import torch
 
 from dist_lora.parallel.collectives import all_gather_tensors, all_reduce_, group_rank, group_size
+from dist_lora.parallel.device import collective_device
+
+
+def _sketch(rows: int, cols: int, seed: int, like: torch.Tensor) -> torch.Tensor:
+    """A Gaussian test matrix [rows, cols] from a CPU generator (the same numbers on every device),
+    in ``like``'s dtype on its device."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(rows, cols, generator=g, dtype=like.dtype, device="cpu").to(like.device)
 
 
 class CommMeter:
@@ -84,7 +92,7 @@ def _sharded_svd(block: torch.Tensor, feature_group, meter: "CommMeter", keep: i
     if block.shape[0] <= max(EXACT_ROWS, 2 * keep):
         return _exact_svd(block, feature_group, meter, keep)
     rank = group_rank(feature_group) if feature_group is not None else 0
-    omega = torch.randn(block.shape[1], keep, generator=torch.Generator().manual_seed(42 + rank), dtype=block.dtype)
+    omega = _sketch(block.shape[1], keep, 42 + rank, block)
     q = torch.linalg.qr(_sum(block @ omega, feature_group, meter)).Q
     for _ in range(POWER_ITERATIONS):
         q = torch.linalg.qr(_sum(block @ (block.T @ q), feature_group, meter)).Q
@@ -109,7 +117,7 @@ def _row_sharded_svd(block: torch.Tensor, row_groups, feature_group, meter: "Com
     [q, q] Gram of ``M Z`` gives S and V = Z U. Every message is q x hidden or smaller; no
     activation leaves its rank, and the result is the same on every rank."""
     rank = group_rank(feature_group) if feature_group is not None else 0
-    z = torch.randn(block.shape[1], q, generator=torch.Generator().manual_seed(42 + rank), dtype=block.dtype)
+    z = _sketch(block.shape[1], q, 42 + rank, block)
     for _ in range(POWER_ITERATIONS + 1):
         z = _orthonormal(z, feature_group, meter)
         z = _sum_rows(block.T @ _sum(block @ z, feature_group, meter), row_groups, meter)
@@ -168,7 +176,7 @@ class ShardedIncrementalPCA:
         self.explained_variance_ratio = None
         self.mean = self.var = None
         self.n_seen = 0
-        self.converged = torch.zeros(n_components, dtype=torch.bool)
+        self.converged = torch.zeros(n_components, dtype=torch.bool, device="cpu")  # until the first step
 
     @property
     def fitted(self) -> bool:
@@ -179,15 +187,15 @@ class ShardedIncrementalPCA:
 
     def batch_count(self, n_local: int) -> int:
         """Tokens of this step over all row groups (one tiny all-reduce)."""
-        count = torch.tensor([float(n_local)], dtype=torch.float64)
+        count = torch.tensor([float(n_local)], dtype=torch.float64, device=collective_device())
         return int(_sum_rows(count, self.row_groups, self.meter).item())
 
     def _batch_stats(self, x: torch.Tensor):
         """Global batch count, mean and unnormalised variance (sum of squared deviations)."""
         n_i = x.shape[0]
-        local_mean = x.mean(0) if n_i else torch.zeros(x.shape[1], dtype=torch.float64)
+        local_mean = x.mean(0) if n_i else x.new_zeros(x.shape[1])
         m2 = (x - local_mean).square().sum(0)
-        packed = torch.cat([torch.tensor([float(n_i)], dtype=torch.float64), x.sum(0), m2 + n_i * local_mean.square()])
+        packed = torch.cat([x.new_tensor([float(n_i)]), x.sum(0), m2 + n_i * local_mean.square()])
         _sum_rows(packed, self.row_groups, self.meter)
         n = int(packed[0].item())
         total, h = packed[1:1 + x.shape[1]], x.shape[1]
@@ -238,6 +246,6 @@ class ShardedIncrementalPCA:
             self.meter.add(stats, self.feature_group)
             all_reduce_(stats, self.feature_group)
         cos = stats[0] / (stats[1].sqrt() * stats[2].sqrt()).clamp_min(1e-8)
-        converged = torch.zeros(self.n_components, dtype=torch.bool)
+        converged = torch.zeros(self.n_components, dtype=torch.bool, device=cos.device)
         converged[:rows] = cos >= self.tau
         return converged

@@ -1,11 +1,17 @@
 """The one seam to megatron-core: every ``megatron.core`` import of dist_lora goes through here.
 
-Keeping the imports in one module pins the surface we depend on (megatron-core 0.16.x; newer
-releases are allowed) and makes a version change a one-file review.
+Keeping the imports in one module pins the surface we depend on and makes a version change a
+one-file review. Supported: megatron-core 0.16.1 to 0.19.x (``pyproject.toml``:
+``>=0.16.1,<0.20``). CI runs the suite on 0.16.1 with Python 3.11 (the newest release for 3.11)
+and on 0.19.2 with Python 3.12; 0.17.1 and 0.18.2 passed it unchanged on Python 3.12. The one
+difference that matters here: 0.19's data-parallel bucket sync reads
+``torch.cuda.current_stream()``, which :mod:`dist_lora.integrations.megatron_cpu` answers on
+CPU. Another version imports with a warning naming the tested range.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import warnings
 
 with warnings.catch_warnings():
@@ -32,7 +38,24 @@ with warnings.catch_warnings():
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
     from megatron.core.transformer.utils import is_layer_window_attention
 
+SUPPORTED = ((0, 16, 1), (0, 20, 0))  # [lowest, first unsupported)
+TESTED = ("0.16.1", "0.17.1", "0.18.2", "0.19.2")
+
+
+def version() -> tuple[int, ...]:
+    """The installed megatron-core release as (major, minor, patch)."""
+    text = importlib.metadata.version("megatron-core")
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:3] if part.isdigit())
+
+
+if not SUPPORTED[0] <= version() < SUPPORTED[1]:
+    warnings.warn(f"megatron-core {importlib.metadata.version('megatron-core')} is outside the range dist_lora "
+                  f"supports (>=0.16.1,<0.20; tested: {', '.join(TESTED)}): install one of those if anything fails",
+                  UserWarning, stacklevel=2)
+
 __all__ = [
+    "SUPPORTED",
+    "TESTED",
     "ColumnParallelLinear",
     "DistributedDataParallel",
     "DistributedDataParallelConfig",
@@ -51,4 +74,5 @@ __all__ = [
     "is_layer_window_attention",
     "model_parallel_cuda_manual_seed",
     "parallel_state",
+    "version",
 ]

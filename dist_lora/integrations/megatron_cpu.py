@@ -23,6 +23,12 @@ available (``install()`` returns at once and ``cpu_device_mode()`` is a null con
    -> ``cpu_device_mode()`` is a ``TorchFunctionMode`` that maps CUDA devices to the CPU for
    the duration of a schedule or a model construction, and the model config sets
    ``batch_p2p_sync=False``.
+5. megatron-core 0.19's data-parallel bucket sync (``_ParamAndGradBucketGroup.start_grad_sync``)
+   calls ``torch.cuda.current_stream()`` to wait for CUDA-graph events ("Found no NVIDIA
+   driver" on CPU). Stream calls do not pass through torch's function hooks, so the mode of 4
+   cannot catch them.
+   -> ``install()`` makes ``torch.cuda.current_stream()`` return a :class:`NullStream` whose
+   waits, records and synchronisation do nothing (CPU work is synchronous).
 """
 
 from __future__ import annotations
@@ -86,7 +92,7 @@ def _make_tracker_class():
                 raise ValueError(f"rng state {name} already exists")
             self._is_initialized = True
             self.seeds_.add(seed)
-            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+            self.states_[name] = torch.Generator(device="cpu").manual_seed(seed).get_state()
 
         @contextlib.contextmanager
         def fork(self, name=mpu_random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
@@ -103,14 +109,35 @@ def _make_tracker_class():
     return CpuRNGStatesTracker
 
 
+class NullStream:
+    """Stand-in for the current CUDA stream on a CPU-only host: every operation is a no-op."""
+
+    device = torch.device("cpu")
+
+    def wait_event(self, event=None) -> None:
+        return None
+
+    def wait_stream(self, stream=None) -> None:
+        return None
+
+    def record_event(self, event=None):
+        return event
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
 def _causal_mask(sq: int) -> torch.Tensor:
     """True above the diagonal: key j is hidden from query i when j > i."""
-    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool, device="cpu"), diagonal=1)
 
 
 def _sliding_window_mask(sq: int, skv: int, window_size) -> torch.Tensor:
     """True where key j is outside ``[i - window_size[0], i + window_size[1]]`` (end-aligned)."""
-    keep = torch.ones(sq, skv, dtype=torch.bool)
+    keep = torch.ones(sq, skv, dtype=torch.bool, device="cpu")
     keep = torch.triu(keep, diagonal=skv - sq - window_size[0])
     keep = torch.tril(keep, diagonal=skv - sq + window_size[1])
     return ~keep
@@ -122,6 +149,7 @@ def install() -> None:
     if _installed or cuda_present():
         return
     torch.cuda.current_device = lambda: torch.device("cpu")  # assumption 1
+    torch.cuda.current_stream = lambda device=None: NullStream()  # assumption 5 (megatron-core 0.19)
     from megatron.core.fusions import fused_softmax
 
     fused_softmax.get_default_causal_mask = _causal_mask

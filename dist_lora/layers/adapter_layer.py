@@ -134,14 +134,14 @@ class AdapterLayer(BaseWrapper):
 
     def _read_rows(self, slot: Slot) -> torch.Tensor:
         weight = self.base_weight()
-        return weight if slot.rows is None else weight.index_select(0, slot.rows)
+        return weight if slot.rows is None else weight.index_select(0, slot.rows_on(weight.device))
 
     def _write_rows(self, slot: Slot, rows: torch.Tensor) -> None:
         weight = self.base_weight()
         if slot.rows is None:
             weight.data.copy_(rows)
         else:
-            weight.data.index_copy_(0, slot.rows, rows.to(weight.dtype))
+            weight.data.index_copy_(0, slot.rows_on(weight.device), rows.to(weight.dtype))
 
     def _add_to_bias(self, slot: Slot, value: torch.Tensor) -> None:
         bias = getattr(self.base_layer, "bias", None)
@@ -150,7 +150,7 @@ class AdapterLayer(BaseWrapper):
         if slot.rows is None:
             bias.data.add_(value.to(bias.dtype))
         else:
-            bias.data.index_add_(0, slot.rows, value.to(bias.dtype))
+            bias.data.index_add_(0, slot.rows_on(bias.device), value.to(bias.dtype))
 
     def _delta_in_weight_layout(self, factors: LoraFactors) -> torch.Tensor:
         """``scaling * B @ A`` laid out like the base weight's rows for this slot."""

@@ -33,7 +33,7 @@ class LoraEmbedding(AdapterLayer):
         for _, factors in live:
             d = self._delta(ids, factors)
             delta = d if delta is None else delta + d
-        return out + delta.to(out.dtype)
+        return (out + delta).to(out.dtype)  # mixed precision: rounded to the base dtype once (as PEFT)
 
     def _lookup(self, ids: torch.Tensor, factors: LoraFactors) -> torch.Tensor:
         """This rank's partial ``A^T[ids]`` [b, s, r] (zero for ids owned by other ranks)."""

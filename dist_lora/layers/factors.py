@@ -36,22 +36,24 @@ from dist_lora.layers.slots import Slot
 
 
 class LoraFactors(nn.Module):
-    """Local shards of A, B (and lora bias, DoRA magnitude) plus the adapter's scalars."""
+    """Local shards of A, B (and lora bias, DoRA magnitude) plus the adapter's scalars, in
+    ``dtype`` on ``device`` (the adapted weight's device; :mod:`dist_lora.adapters.precision`)."""
 
     key_kind: str | None = None  # PEFT key family of the tensors (None: by layer kind; "svd": AdaLoRA)
 
     def __init__(self, shard: BaseShard, slot: Slot, r: int, alpha: float, scaling: float,
-                 dropout: float, lora_bias: bool, use_dora: bool, dtype: torch.dtype):
+                 dropout: float, lora_bias: bool, use_dora: bool, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.slot, self.r, self.alpha, self.scaling, self.use_dora = slot, r, alpha, scaling, use_dora
         self.a_layout = shard.a_layout
         a_in = self.a_layout.local(torch.empty(0, shard.in_features, device="meta"), shard.tp, shard.rank).shape[1]
         b_rows = slot.b_layout.local(torch.empty(slot.out_features, 0, device="meta"), shard.tp, shard.rank).shape[0]
+        where = dict(dtype=dtype, device=device)
         self._capacity = r  # kept, not read off lora_A: ZeRO-3 partitions parameters to shape (0,)
-        self.lora_A = nn.Parameter(torch.zeros(r, a_in, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(b_rows, r, dtype=dtype))
-        self.lora_bias = nn.Parameter(torch.zeros(b_rows, dtype=dtype)) if lora_bias else None
-        self.lora_magnitude_vector = nn.Parameter(torch.ones(b_rows, dtype=dtype)) if use_dora else None
+        self.lora_A = nn.Parameter(torch.zeros(r, a_in, **where))
+        self.lora_B = nn.Parameter(torch.zeros(b_rows, r, **where))
+        self.lora_bias = nn.Parameter(torch.zeros(b_rows, **where)) if lora_bias else None
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(b_rows, **where)) if use_dora else None
         self.register_parameter("trained_bias", None)  # see own_bias
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # DoRA: weight norm frozen at merge time, needed to unmerge exactly (as PEFT caches it).

@@ -75,7 +75,9 @@ class LoraLinear(AdapterLayer):
         for factors, x_in, h in zip(all_factors, inputs, self._hiddens(inputs, all_factors)):
             d = factors.slot.place(self._slot_delta(x_in, h, y, base_bias, factors), y.shape[-1])
             delta = d if delta is None else delta + d
-        y = add_trained_biases(y + delta.to(y.dtype), self, all_factors)  # bias="lora_only" rows
+        # Mixed precision (dist_lora.adapters.precision): the input was cast to the adapter dtype
+        # once above; the sum is formed in the wider dtype and rounded to the base dtype once (PEFT).
+        y = add_trained_biases((y + delta).to(y.dtype), self, all_factors)  # bias="lora_only" rows
         return (y, *rest) if rest is not None else y
 
     # -- forward pieces ------------------------------------------------------------------
@@ -145,10 +147,10 @@ class LoraLinear(AdapterLayer):
             # W_i x is this rank's rows only, so x's gradient from it is partial: copy_to_group
             # all-reduces it (the gather's backward reduce-scatters it under SP).
             x = gather_first_dim(x, group) if shard.sequence_parallel else copy_to_group(x, group)
-            return F.linear(x, weight)
+            return F.linear(x, weight.to(x.dtype))  # dtype: x is in the adapter dtype (as PEFT casts W)
         if not shard.input_is_parallel:
             x = split_last_dim(x, group)
-        partial = F.linear(x, weight)
+        partial = F.linear(x, weight.to(x.dtype))  # dtype: as above
         return reduce_scatter_first_dim(partial, group) if shard.sequence_parallel else reduce_from_group(partial, group)
 
     # -- merge ---------------------------------------------------------------------------

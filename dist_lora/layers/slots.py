@@ -29,10 +29,15 @@ class Slot:
 
     def select(self, out: torch.Tensor) -> torch.Tensor:
         """This slot's columns of a base output [..., local_out]."""
-        return out if self.rows is None else out.index_select(-1, self.rows)
+        return out if self.rows is None else out.index_select(-1, self.rows_on(out.device))
 
     def place(self, delta: torch.Tensor, width: int) -> torch.Tensor:
         """``delta`` [..., local_rows] spread into a zero tensor [..., width] at this slot's rows."""
         if self.rows is None:
             return delta
-        return delta.new_zeros(*delta.shape[:-1], width).index_add(-1, self.rows, delta)
+        return delta.new_zeros(*delta.shape[:-1], width).index_add(-1, self.rows_on(delta.device), delta)
+
+    def rows_on(self, device: torch.device) -> torch.Tensor:
+        """The row indices on ``device`` (device seam: they are made on the fused weight's device;
+        a model moved after its adapters were added gets a copy here)."""
+        return self.rows if self.rows.device == device else self.rows.to(device)

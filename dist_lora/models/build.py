@@ -8,13 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from dist_lora.integrations.megatron import GPTModel, TransformerBlockSubmodules, TransformerConfig
-from dist_lora.integrations.megatron_cpu import cpu_device_mode
+from dist_lora.integrations.megatron_cpu import cpu_device_mode, cuda_present
 from dist_lora.models.gemma3 import finish_gemma3, gemma3_layer_spec
 from dist_lora.models.layer_specs import decoder_layer_spec
 from dist_lora.models.norm import TorchNorm
 from dist_lora.models.pipeline_layout import megatron_uneven_counts
 from dist_lora.models.spec import SLIDING, ModelSpec
 from dist_lora.parallel import ParallelGroups
+from dist_lora.parallel.device import local_device
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +85,7 @@ def transformer_config(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dty
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         attention_softmax_in_fp32=True,
-        use_cpu_initialization=True,
+        use_cpu_initialization=not cuda_present(),  # with CUDA, Megatron allocates on the current device
         perform_initialization=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
@@ -99,7 +100,8 @@ def transformer_config(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dty
 
 
 def build_gpt(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dtype) -> GPTModel:
-    """A ``GPTModel`` with this stage's layers; weights are uninitialised until loaded."""
+    """A ``GPTModel`` with this stage's layers on the local device (``cuda:LOCAL_RANK`` with CUDA,
+    else the CPU); weights are uninitialised until loaded."""
     config = transformer_config(spec, groups, dtype)
     builder = LAYER_SPECS[spec.family.layer_spec]
     layer = builder.layer_spec(spec)
@@ -123,7 +125,7 @@ def build_gpt(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dtype) -> GP
         )
     if builder.finish is not None:
         builder.finish(model, spec)
-    return model
+    return model.to(local_device())  # a no-op for what Megatron already allocated there
 
 
 def check_stage_layers(model: GPTModel, spec: ModelSpec, groups: ParallelGroups) -> None:

@@ -9,6 +9,7 @@ from dist_lora.integrations.megatron import get_forward_backward_func
 from dist_lora.integrations.megatron_cpu import cpu_device_mode
 from dist_lora.models.loading import model_info
 from dist_lora.parallel.collectives import broadcast_, gather_last_dim
+from dist_lora.parallel.device import module_device
 
 
 def _stage_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, pp_size: int):
@@ -36,7 +37,8 @@ def _stage_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, p
 
 @torch.no_grad()
 def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Float32 logits ``[batch, seq, vocab]`` of ``input_ids`` ``[batch, seq]``, on every rank.
+    """Float32 logits ``[batch, seq, vocab]`` of ``input_ids`` ``[batch, seq]``, on every rank, on the
+    model's device (``input_ids`` are moved there).
 
     Vocabulary shards are all-gathered over TP and the padding rows of the vocabulary are cut
     off; with PP the pipeline schedule runs one micro-batch and the last stage broadcasts the
@@ -50,9 +52,10 @@ def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= spec.vocab_size):
         raise ValueError(f"input_ids must lie in [0, {spec.vocab_size}); got {int(input_ids.min())}..{int(input_ids.max())}")
     batch, seq = input_ids.shape
+    device = module_device(model)
     pad = (-seq) % groups.tp_size if groups.sequence_parallel else 0
-    ids = F.pad(input_ids, (0, pad))
-    positions = torch.arange(seq + pad).unsqueeze(0).expand(batch, -1)
+    ids = F.pad(input_ids.to(device), (0, pad))
+    positions = torch.arange(seq + pad, device=device).unsqueeze(0).expand(batch, -1)
     was_training = model.training
     model.eval()
     try:
@@ -62,7 +65,7 @@ def logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     if groups.is_last_stage:
         full = gather_last_dim(local, groups.tp_group)[:, :seq, : spec.vocab_size].float().contiguous()
     else:
-        full = torch.empty(batch, seq, spec.vocab_size, dtype=torch.float32)
+        full = torch.empty(batch, seq, spec.vocab_size, dtype=torch.float32, device=device)
     if groups.pp_size > 1:
         broadcast_(full, groups.pp_size - 1, groups.pp_group)
     return full

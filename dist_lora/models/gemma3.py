@@ -79,13 +79,18 @@ class _PostNorm:
 
 
 class _ScaleOutput:
-    """Forward hook: the module's output times ``scale`` (cast to the output's dtype, as HF does)."""
+    """Forward hook: the module's output times ``scale`` (rounded to the output's dtype, as HF
+    does), made once per device and dtype it meets."""
 
     def __init__(self, scale: float):
-        self.scale = torch.tensor(scale, dtype=torch.float32)
+        self.scale = scale
+        self._tensors: dict = {}
 
     def __call__(self, module, args, output):
-        return output * self.scale.to(device=output.device, dtype=output.dtype)
+        key = (output.device, output.dtype)
+        if key not in self._tensors:
+            self._tensors[key] = torch.tensor(self.scale, dtype=output.dtype, device=output.device)
+        return output * self._tensors[key]
 
 
 def gemma3_layer_spec(spec: ModelSpec) -> ModuleSpec:

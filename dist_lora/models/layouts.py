@@ -73,7 +73,7 @@ def _read_vocab(reader, names, spec, tp, rank):
     real = reader.read(names[0], rows=(min(start, shape[0]), min(stop, shape[0])))
     if real.shape[0] == stop - start:
         return real
-    padded = torch.zeros((stop - start, *shape[1:]), dtype=real.dtype)
+    padded = torch.zeros((stop - start, *shape[1:]), dtype=real.dtype, device=real.device)
     padded[: real.shape[0]] = real
     return padded
 

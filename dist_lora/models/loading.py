@@ -14,6 +14,7 @@ from dist_lora.models.mapping import bind, check_coverage
 from dist_lora.models.spec import ModelSpec, read_spec
 from dist_lora.parallel import ParallelGroups, current_groups
 from dist_lora.parallel.collectives import on_every_rank
+from dist_lora.parallel.device import check_dtype
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,10 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32,
     """Build this rank's Megatron-Core ``GPTModel`` shard from an HF model directory.
 
     Each rank reads only the slices of the safetensors files that its TP rank and PP stage own
-    (``model.dist_lora.bytes_read`` says how many bytes). Any bad input (missing or truncated
+    (``model.dist_lora.bytes_read`` says how many bytes) into a model on the local device
+    (``cuda:LOCAL_RANK`` with CUDA, else the CPU). ``dtype`` is the base's: float32, bfloat16 or
+    float16 (adapters added later train in float32 on a half-precision base unless asked
+    otherwise). Any bad input (a dtype the device cannot compute in, missing or truncated
     file, unsupported architecture, a TP size that does not divide the heads, KV heads or FFN
     size, a pipeline layout that cannot hold the model) raises the same error on every rank
     before any weight is read.
@@ -62,6 +66,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32,
     groups = groups or current_groups()
     spec = ckpt = None
     with on_every_rank(f"loading {path}"):
+        check_dtype(dtype)
         spec = read_spec(path).with_pipeline(first_stage_layers, last_stage_layers)
         spec.check_layout(groups.tp_size, groups.pp_size)
         ckpt = HFCheckpoint(path)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from dist_lora.parallel.device import local_device
+
 
 class ZeroCenteredRMSNorm(torch.nn.Module):
     """``x / rms(x) * (1 + weight)`` over the last dimension, in float32, cast back to x's dtype.
@@ -22,10 +24,11 @@ class ZeroCenteredRMSNorm(torch.nn.Module):
     Shapes: x ``[..., hidden]`` -> ``[..., hidden]``; ``weight`` ``[hidden]`` (zeros = identity scale).
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype | None = None):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None):
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
@@ -40,13 +43,14 @@ class TorchNorm:
     """Factory with the signature Megatron's ``build_module`` calls norms with."""
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        where = dict(dtype=config.params_dtype, device=local_device())  # where the model is built
         zero_centered = bool(getattr(config, "layernorm_zero_centered_gamma", False))
         if config.normalization == "RMSNorm" and zero_centered:
-            norm = ZeroCenteredRMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+            norm = ZeroCenteredRMSNorm(hidden_size, eps=eps, **where)
         elif config.normalization == "RMSNorm":
-            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps, **where)
         elif config.normalization == "LayerNorm" and not zero_centered:
-            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps, **where)
         else:
             raise ValueError(f"normalization {config.normalization!r} (zero-centered: {zero_centered}) is not "
                              f"supported (RMSNorm, zero-centered RMSNorm, LayerNorm)")

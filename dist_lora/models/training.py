@@ -24,6 +24,7 @@ from dist_lora.integrations.megatron import (
 from dist_lora.integrations.megatron_cpu import cpu_device_mode
 from dist_lora.models.loading import model_info
 from dist_lora.parallel.collectives import all_reduce_, broadcast_, reduce_from_group
+from dist_lora.parallel.device import collective_device, module_device
 
 IGNORE_INDEX = -100
 
@@ -51,7 +52,9 @@ def token_count(labels: torch.Tensor, groups) -> torch.Tensor:
     """Collective over DP: the number of labels that count (not -100) in the global batch, the
     local ``labels`` [batch, seq] summed over the data-parallel ranks (an int64 scalar)."""
     count = (labels != IGNORE_INDEX).sum().to(torch.int64)
-    return all_reduce_(count, groups.dp_group) if groups.dp_size > 1 else count
+    if groups.dp_size == 1:
+        return count
+    return all_reduce_(count.to(collective_device(groups.dp_group)), groups.dp_group)
 
 
 def _summed_loss(local_logits, labels, spec, groups) -> torch.Tensor:
@@ -65,8 +68,8 @@ def _chunks(tensor: torch.Tensor | None, n: int) -> list:
 def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_microbatches: int = 1,
                      forward_only: bool = False, position_ids: torch.Tensor | None = None,
                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Token-mean loss of the global batch, on every rank; gradients of that mean are accumulated
-    into ``.grad`` (or DDP's buckets) unless ``forward_only``.
+    """Token-mean loss of the global batch, on every rank, on the model's device; gradients of
+    that mean are accumulated into ``.grad`` (or DDP's buckets) unless ``forward_only``.
 
     The mean is over every label that is not -100 in the whole step: all micro-batches of all
     data-parallel ranks, each token counted once however the tokens fall on micro-batches, ranks
@@ -91,13 +94,17 @@ def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_m
     if attention_mask is not None and spec.sliding_window is not None:
         raise ValueError("an attention_mask cannot be combined with a sliding-window model: Megatron's local "
                          "attention replaces it with its window mask (documents would see each other)")
+    device = module_device(model)  # the batch moves to the model; every tensor made here is made there
+    input_ids, labels = input_ids.to(device), labels.to(device)
     scale = groups.dp_size / token_count(labels, groups).clamp(min=1).item()
     if position_ids is None:
-        position_ids = torch.arange(seq).unsqueeze(0).expand(batch, -1)
+        position_ids = torch.arange(seq, device=device).unsqueeze(0).expand(batch, -1)
+    position_ids = position_ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
     micro = list(zip(input_ids.chunk(num_microbatches), labels.chunk(num_microbatches),
                      position_ids.chunk(num_microbatches), _chunks(attention_mask, num_microbatches)))
     if groups.pp_size == 1:
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         for ids, lab, pos, mask in micro:
             summed = _summed_loss(model(ids, pos, attention_mask=mask), lab, spec, groups)
             if not forward_only:
@@ -124,7 +131,7 @@ def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_m
                 forward_step_func=forward_step, data_iterator=iter([None] * num_microbatches), model=[model],
                 num_microbatches=num_microbatches, seq_length=seq, micro_batch_size=batch // num_microbatches,
                 forward_only=forward_only)
-        total = torch.stack(sums).sum() if sums else torch.zeros(())
+        total = torch.stack(sums).sum() if sums else torch.zeros((), device=device)
         total = broadcast_(total.clone(), groups.pp_size - 1, groups.pp_group)
     if groups.dp_size > 1:
         total = all_reduce_(total.clone(), groups.dp_group)
@@ -190,7 +197,7 @@ def clip_grad_norm(model, max_norm: float) -> float:
     for _, module in saved_modules(model):
         if module.layout.dim is not None:
             split.update(id(p) for p in module.copies.values())
-    total, grads = torch.zeros(()), []
+    total, grads = torch.zeros((), device=module_device(model)), []
     for param in model.parameters():
         if not param.requires_grad or param.grad is None:
             continue

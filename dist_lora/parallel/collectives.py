@@ -36,6 +36,8 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from dist_lora.parallel.device import collective_device
+
 Group = Any  # torch.distributed.ProcessGroup | None
 
 
@@ -328,7 +330,7 @@ def any_rank(flag: bool, group: Group = None) -> bool:
     """Collective: whether ``flag`` is true on any rank of ``group``."""
     if group_size(group) == 1:
         return bool(flag)
-    box = torch.tensor([int(bool(flag))], dtype=torch.int32)
+    box = torch.tensor([int(bool(flag))], dtype=torch.int32, device=collective_device(group))  # nccl: on the GPU
     return bool(all_reduce_(box, group, "max").item())
 
 

@@ -13,6 +13,7 @@ import torch.distributed.distributed_c10d as c10d
 from dist_lora.integrations import megatron_cpu
 from dist_lora.integrations.megatron import model_parallel_cuda_manual_seed, parallel_state
 from dist_lora.parallel import faults, rendezvous
+from dist_lora.parallel.device import check_gpus, choose_backend
 from dist_lora.parallel.groups import ParallelGroups
 from dist_lora.parallel.launch_env import LaunchEnv, detect
 
@@ -83,8 +84,12 @@ def initialize(
 
     torch.distributed is started from the launcher's environment (torchrun, Slurm, MPI, or a
     single process; see :mod:`dist_lora.parallel.launch_env`) unless it is already running. The
-    backend is nccl with CUDA and gloo without. Calling ``initialize`` again with another layout
-    tears down Megatron's parallel state and builds the new one on the same processes.
+    backend is nccl with CUDA and gloo without; ``backend`` overrides it (``"gloo"`` with CUDA lets
+    ranks share a GPU). With CUDA the current device becomes ``cuda:LOCAL_RANK``, the device models
+    are built on (:mod:`dist_lora.parallel.device`). nccl without CUDA, or more ranks on a node
+    than it has GPUs, raise on every rank before any process group starts. Calling
+    ``initialize`` again with another layout tears down Megatron's parallel state and builds the
+    new one on the same processes.
 
     ``timeout_s`` (default ``$DIST_LORA_TIMEOUT_S`` or 1800 s) bounds the rendezvous and every
     collective of every process group of the job: the default group, Megatron's TP / PP / DP /
@@ -100,8 +105,9 @@ def initialize(
     if not dist.is_initialized():
         env = detect()
         _validate(env.world_size, tensor_parallel, pipeline_parallel, sequence_parallel)
-        chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
+        chosen = choose_backend(backend)  # device / backend selection: dist_lora.parallel.device
+        check_gpus(chosen, env.local_rank, tensor_parallel, pipeline_parallel)
+        if torch.cuda.is_available():  # nccl: one GPU per local rank (checked); gloo may share one
             torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         address = _start(env, chosen, timeout)
         launcher, local_rank = env.launcher, env.local_rank

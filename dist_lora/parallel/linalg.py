@@ -55,7 +55,7 @@ def svd(local: torch.Tensor, dim: int | None, group, rank: int) -> tuple[torch.T
         return vh.t(), s, u.t()
     x = _rows(local, dim).double().contiguous()
     if dim is not None:
-        rows = [int(t) for t in C.all_gather_tensors(torch.tensor([x.shape[0]]), group)]
+        rows = [int(t) for t in C.all_gather_tensors(torch.tensor([x.shape[0]], device=x.device), group)]
         if _sharded_side_is_smaller(rows, x.shape[1]):
             return _svd_by_sharded_gram(x, rows, group, rank, dim, local.dtype)
     s, v = _leading_eigenpairs(_sum(x.t() @ x, dim, group), rank)  # v: replicated right vectors
@@ -107,7 +107,8 @@ def svd_lowrank(local: torch.Tensor, dim: int | None, group, rank: int, niter: i
     """Randomised leading ``rank`` singular triplets (Halko et al., as ``torch.svd_lowrank``
     with ``q=rank`` and ``niter`` subspace iterations), layout as :func:`svd`.
 
-    The test matrix is drawn from ``generator`` (seed it identically on every rank). Per
+    The test matrix is drawn from ``generator``, a CPU generator (seed it identically on every
+    rank; the draw is the same on every device), and moved to ``local``'s device. Per
     iteration one all-reduce of an [k, rank] sketch and one tall-skinny QR ([rank, rank])."""
     if niter < 0:
         raise ValueError(f"niter={niter}: the number of subspace iterations must be >= 0")
@@ -116,7 +117,8 @@ def svd_lowrank(local: torch.Tensor, dim: int | None, group, rank: int, niter: i
     def times(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a.float() @ b.float()).double()
 
-    omega = torch.randn(x.shape[1], rank, generator=generator, dtype=torch.float64)
+    # A CPU generator (identical on every rank and device), the sketch then moves to W's device.
+    omega = torch.randn(x.shape[1], rank, generator=generator, dtype=torch.float64, device="cpu").to(x.device)
     q = _tsqr(times(x, omega), dim, group)[0]
     for _ in range(niter):
         z = torch.linalg.qr(_sum(times(x.t(), q), dim, group))[0]  # replicated [k, rank]
@@ -152,7 +154,7 @@ def _fix_signs(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """Make the largest-magnitude entry of each right vector (replicated) positive, so the
     result is deterministic whatever the eigen-solver returned."""
     idx = v.abs().argmax(dim=0)
-    sign = torch.sign(v[idx, torch.arange(v.shape[1])])
+    sign = torch.sign(v[idx, torch.arange(v.shape[1], device=v.device)])
     sign[sign == 0] = 1
     return u * sign, v * sign
 

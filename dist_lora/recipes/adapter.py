@@ -97,7 +97,10 @@ def check(config: FinetuneConfig, runner: str) -> None:
             raise ValueError(f"lora.loftq_config.loftq_iter={iterations}: with more than one iteration LoftQ's base "
                              f"is the quantisation of W - L R, which the released adapter's base model cannot "
                              f"reproduce; use loftq_iter: 1 in a recipe (or the library API and save that base)")
-    elif name == "eva" and runner == "deepspeed":
+    if runner == "deepspeed" and config.train.adapter_dtype != "float32":
+        raise ValueError("train.adapter_dtype: base is for launch/finetune.py; under DeepSpeed the engine's bf16 mode "
+                         "holds every trainable parameter in bfloat16 with float32 master weights of its own")
+    if name == "eva" and runner == "deepspeed":
         raise ValueError("lora.init_lora_weights='eva' is supported by launch/finetune.py (Megatron models); "
                          "the DeepSpeed recipe takes the other initialisations")
     elif name == "eva" and config.data.packing:
@@ -135,10 +138,11 @@ def apply(model, config: FinetuneConfig, batches, out: Path) -> Applied:
     asks for a 4-bit one (after: initialisations read the float weights). Collective over the job."""
     name, adapter = method(config), adapter_config(config)
     applied = Applied(name)
+    dtype = config.train.adapter_dtype  # "float32" or "base" (dist_lora.adapters.precision)
     if name == "adalora":
-        dl.apply_adalora(model, adapter)
+        dl.apply_adalora(model, adapter, adapter_dtype=dtype)
     else:
-        dl.apply_lora(model, adapter)
+        dl.apply_lora(model, adapter, adapter_dtype=dtype)
     if name == "eva":
         epoch = max(1, len(batches.samples) // (batches.batch * batches.dp_size))
         dl.initialize_lora_eva_weights(model, _EvaBatches(batches, epoch))

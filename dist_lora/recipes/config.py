@@ -38,6 +38,7 @@ class ParallelSection:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     sequence_parallel: bool = False
+    backend: typing.Optional[str] = None  # nccl | gloo; default: nccl with CUDA, gloo without
     # Layers of the first / last pipeline stage (the others split the rest evenly); null: every
     # stage the same when pipeline_parallel divides the layers, else balanced automatically.
     first_stage_layers: typing.Optional[int] = None
@@ -68,7 +69,8 @@ class TrainSection:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     clip_grad: float = 1.0
-    dtype: str = "float32"  # float32 | bfloat16
+    dtype: str = "float32"  # float32 | bfloat16: the base model's dtype
+    adapter_dtype: str = "float32"  # float32 | base: the adapters' dtype on a bfloat16 base (float32: PEFT's default)
     seed: int = 1234
     log_every: int = 1
     eval_every: int = 0  # validation loss every N steps (0: before and after training only)
@@ -177,7 +179,15 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
     if config.data.tokenizer not in ("auto", "bytes"):
         raise ValueError(f"data.tokenizer must be auto or bytes, got {config.data.tokenizer!r}")
     if config.train.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"train.dtype must be float32 or bfloat16, got {config.train.dtype!r}")
+        hint = (" (float16 trains only with loss scaling, which the recipe does not do; use bfloat16)"
+                if config.train.dtype == "float16" else "")
+        raise ValueError(f"train.dtype must be float32 or bfloat16, got {config.train.dtype!r}{hint}")
+    if config.parallel.backend not in (None, "nccl", "gloo"):
+        raise ValueError(f"parallel.backend must be nccl, gloo or null (nccl with CUDA, else gloo), "
+                         f"got {config.parallel.backend!r}")
+    if config.train.adapter_dtype not in ("float32", "base"):
+        raise ValueError(f"train.adapter_dtype must be float32 or base (the base model's train.dtype), "
+                         f"got {config.train.adapter_dtype!r}")
     if config.model.quantize not in (None, "nf4", "fp4"):
         raise ValueError(f"model.quantize must be nf4, fp4 or null, got {config.model.quantize!r}")
     for name in ("steps", "micro_batch_size", "micro_batches", "log_every"):

@@ -26,6 +26,7 @@ from dist_lora import parallel
 from dist_lora.integrations import deepspeed as ds
 from dist_lora.models.training import IGNORE_INDEX
 from dist_lora.parallel.collectives import all_reduce_
+from dist_lora.parallel.device import choose_backend, collective_device
 from dist_lora.recipes import adapter
 from dist_lora.recipes.common import (
     MetricsLog,
@@ -69,13 +70,14 @@ def engine_config(config: FinetuneConfig) -> dict:
 
 def _loss_sum(engine, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed token loss of one micro-batch (-100 labels ignored)."""
-    logits = engine(ids).logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+    logits = engine(ids.to(engine.device)).logits  # the host batch moves to the engine's device
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.to(logits.device).reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _global_count(labels: torch.Tensor, dp_group) -> int:
-    return int(all_reduce_((labels != IGNORE_INDEX).sum().to(torch.int64), dp_group).item())
+    count = (labels != IGNORE_INDEX).sum().to(torch.int64).to(collective_device(dp_group))
+    return int(all_reduce_(count, dp_group).item())
 
 
 def check(config: FinetuneConfig) -> None:
@@ -85,6 +87,10 @@ def check(config: FinetuneConfig) -> None:
     if config.parallel.tensor_parallel != 1 or config.parallel.pipeline_parallel != 1 or config.parallel.sequence_parallel:
         raise ValueError("the DeepSpeed path is data-parallel only: set parallel.tensor_parallel=1, "
                          "parallel.pipeline_parallel=1, parallel.sequence_parallel=false (or use launch/finetune.py)")
+    try:
+        choose_backend(config.parallel.backend)  # nccl without CUDA fails here, before any rank starts
+    except ValueError as err:
+        raise ValueError(f"parallel.{err}") from err
     adapter.check(config, "deepspeed")
     if config.data.packing:
         raise ValueError("data.packing is supported by launch/finetune.py; the DeepSpeed recipe feeds the Hugging "
@@ -99,7 +105,7 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
     t = config.train
     check(config)
     ds_config = engine_config(config)
-    groups = parallel.initialize(1, 1, False, seed=t.seed)
+    groups = parallel.initialize(1, 1, False, seed=t.seed, backend=config.parallel.backend)
     out, checkpoints = Path(config.output.dir), Path(config.checkpoint.dir)
     if groups.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -165,7 +171,7 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
 
     def logits(ids):
         with torch.no_grad():
-            return engine(ids).logits
+            return engine(ids.to(engine.device)).logits
 
     code = finish(model, logits, config, out, base, data, groups.rank, log, applied)
     parallel.shutdown()

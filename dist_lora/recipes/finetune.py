@@ -23,6 +23,7 @@ import dist_lora as dl
 from dist_lora import models, parallel
 from dist_lora.models.spec import read_spec, spec_from_config
 from dist_lora.models.training import clip_grad_norm, finalize_grads, forward_backward, token_count, use_megatron_ddp
+from dist_lora.parallel.device import choose_backend
 from dist_lora.recipes import adapter
 from dist_lora.recipes.common import (
     MetricsLog,
@@ -42,6 +43,10 @@ def check(config: FinetuneConfig) -> None:
     """What this runner needs beyond a valid recipe (checked before any process group starts)."""
     if config.deepspeed.config is not None:
         raise ValueError("deepspeed.config is set: run this recipe with launch/finetune_deepspeed.py")
+    try:
+        choose_backend(config.parallel.backend)  # nccl without CUDA fails here, before any rank starts
+    except ValueError as err:
+        raise ValueError(f"parallel.{err}") from err
     adapter.check(config, "megatron")
     if config.data.packing:
         m = config.model
@@ -68,7 +73,8 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
     """Run the recipe on this process's ranks; returns the exit code."""
     p, t = config.parallel, config.train
     check(config)
-    groups = parallel.initialize(p.tensor_parallel, p.pipeline_parallel, p.sequence_parallel, seed=t.seed)
+    groups = parallel.initialize(p.tensor_parallel, p.pipeline_parallel, p.sequence_parallel, seed=t.seed,
+                                 backend=p.backend)
     out, checkpoints = Path(config.output.dir), Path(config.checkpoint.dir)
     if groups.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -79,6 +85,10 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
     model = models.from_pretrained(base, dtype=torch.float32 if t.dtype == "float32" else torch.bfloat16,
                                    first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers)
     applied = adapter.apply(model, config, batches, out)  # and the 4-bit base, if any
+    # Every rank's torch RNG from here on is the same: rank 0 alone drew the demo base's weights,
+    # and with lora_dropout the masks on TP-replicated inputs (column layers without SP) must be
+    # equal on every TP rank, or the replicated lora_A drifts apart (a resume restores the states).
+    torch.manual_seed(t.seed)
     held_out = validation_batches(data.validation, t.micro_batch_size * t.micro_batches, groups.dp_size,
                                   groups.dp_rank)
     evaluate = _evaluator(model, t.micro_batches)

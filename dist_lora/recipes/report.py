@@ -36,7 +36,7 @@ def reference_model(base: Path, adapter: Path, quantize: tuple[str, int] | None 
 def verdict(ours: torch.Tensor, reference, holdout: torch.Tensor, tolerance: float) -> str:
     with torch.no_grad():
         theirs = reference(holdout).logits.float()
-    diff = (ours.float() - theirs).abs().max().item()
+    diff = (ours.float().cpu() - theirs).abs().max().item()  # peft runs on the host
     ok = diff <= tolerance * max(1.0, theirs.abs().max().item())
     return f"peft verification {'OK' if ok else 'FAILED'}: max |logits - peft| = {diff:.2e}"
 

@@ -109,8 +109,12 @@ class LaunchResult:
 
 
 def launch(module: str, world_size: int, data: dict | None = None, tmp: str | Path | None = None,
-           timeout: float = 900, collective_timeout: float | None = None) -> LaunchResult:
+           timeout: float = 900, collective_timeout: float | None = None, env: dict | None = None) -> LaunchResult:
     """Run every registered check of ``module`` in ``world_size`` processes; collect verdicts.
+
+    The workers see torchrun's variables (one node: ``LOCAL_WORLD_SIZE`` = ``world_size``) plus
+    ``env``; ``DIST_LORA_TEST_BACKEND`` there picks the backend (e.g. ``gloo`` for ranks sharing
+    one GPU; default: nccl with CUDA, gloo without).
 
     ``collective_timeout`` (default 120 s, or ``$DIST_LORA_TEST_COLLECTIVE_TIMEOUT_S``) bounds
     every collective of the workers; ``$DIST_LORA_TEST_TIMEOUT_SCALE`` multiplies both deadlines
@@ -128,14 +132,15 @@ def launch(module: str, world_size: int, data: dict | None = None, tmp: str | Pa
     root = Path.cwd()
     procs, logs = [], []
     for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                   MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), DIST_LORA_TIMEOUT_S=str(collective_timeout),
-                   OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+        worker_env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                          LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port),
+                          DIST_LORA_TIMEOUT_S=str(collective_timeout), OMP_NUM_THREADS="1",
+                          PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), **(env or {}))
         log = open(workdir / f"rank{rank}.log", "w")
         logs.append(log)
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "dist_lora.testing.worker", module, str(workdir)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=root))
+            env=worker_env, stdout=log, stderr=subprocess.STDOUT, cwd=root))
     problem = None
     deadline = time.monotonic() + timeout
     first_failure = None
@@ -180,7 +185,7 @@ _CACHE: dict[tuple[str, int], LaunchResult] = {}
 
 
 def distributed_tests(module: str, world_size: int, prepare: Callable[[Path], dict] | None = None,
-                      timeout: float = 900):
+                      timeout: float = 900, env: dict | None = None):
     """A pytest test function parametrized over every ``check[layout]`` case of ``module``.
 
     The first case to run launches the workers once (after ``prepare(tmp_dir)`` built the
@@ -196,7 +201,7 @@ def distributed_tests(module: str, world_size: int, prepare: Callable[[Path], di
         if key not in _CACHE:
             tmp = tmp_path_factory.mktemp(module.rsplit(".", 1)[-1])
             data = prepare(tmp) if prepare else {}
-            _CACHE[key] = launch(module, world_size, data=data, tmp=tmp, timeout=timeout)
+            _CACHE[key] = launch(module, world_size, data=data, tmp=tmp, timeout=timeout, env=env)
         ok, message = _CACHE[key].verdict(case)
         if not ok:
             pytest.fail(message, pytrace=False)

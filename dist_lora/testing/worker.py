@@ -18,6 +18,7 @@ import torch
 
 from dist_lora.parallel import initialize, reseed, shutdown
 from dist_lora.parallel.collectives import all_reduce_
+from dist_lora.parallel.device import collective_device
 from dist_lora.testing.multiprocess import Context, checks_of
 
 
@@ -36,7 +37,8 @@ def main(module_name: str, workdir: str) -> int:
     for layout in layouts:
         try:
             groups = initialize(tensor_parallel=layout.tp, pipeline_parallel=layout.pp,
-                                sequence_parallel=layout.sp, seed=1234)
+                                sequence_parallel=layout.sp, seed=1234,
+                                backend=os.environ.get("DIST_LORA_TEST_BACKEND") or None)
         except Exception:  # noqa: BLE001 - reported as the cases' failure
             error = traceback.format_exc()
             for c in checks:
@@ -58,7 +60,7 @@ def main(module_name: str, workdir: str) -> int:
             except BaseException:  # noqa: BLE001 - a failing check (pytest.fail too) is a result, not a crash
                 results[case] = {"ok": False, "error": traceback.format_exc()}
             out.write_text(json.dumps(results))
-            all_reduce_(torch.zeros(1))  # keep the ranks in step between checks
+            all_reduce_(torch.zeros(1, device=collective_device()))  # keep the ranks in step between checks
     shutdown()
     return 0
 

@@ -86,3 +86,27 @@ def test_rng_tracker_forks_reproducible_per_tp_rank_streams():
     with pytest.raises(KeyError):
         with mpu_random.get_cuda_rng_tracker().fork("no-such-state"):
             pass
+
+
+def test_current_stream_is_a_null_stream():
+    """megatron-core 0.19's bucket sync waits on the current CUDA stream (assumption 5)."""
+    stream = torch.cuda.current_stream()
+    assert isinstance(stream, megatron_cpu.NullStream)
+    stream.wait_event(object())
+    stream.wait_stream(torch.cuda.current_stream())
+    stream.synchronize()
+    assert stream.query()
+
+
+def test_megatron_version_is_supported_and_expected():
+    """The seam's range holds the installed release; a CI job that pins a release
+    (``DIST_LORA_EXPECT_MEGATRON``) really runs it."""
+    import importlib.metadata
+    import os
+
+    from dist_lora.integrations import megatron
+
+    assert megatron.SUPPORTED[0] <= megatron.version() < megatron.SUPPORTED[1]
+    expected = os.environ.get("DIST_LORA_EXPECT_MEGATRON")
+    if expected:
+        assert importlib.metadata.version("megatron-core").split("+")[0] == expected

@@ -31,6 +31,9 @@ import torch
 from dist_lora.models.training import IGNORE_INDEX
 from dist_lora.recipes.data.cache import TokenFile
 
+# Samples are built in host memory; forward_backward moves each batch to the model's device.
+HOST = torch.device("cpu")
+
 
 @dataclass
 class Batch:
@@ -126,10 +129,10 @@ class Packed:
     def rows(self, indices: np.ndarray) -> Batch:
         seq = self.padded.seq_len
         n = len(indices)
-        ids = torch.full((n, seq), self.padded.cache.meta["pad"], dtype=torch.int64)
-        labels = torch.full((n, seq), IGNORE_INDEX, dtype=torch.int64)
-        positions = torch.zeros((n, seq), dtype=torch.int64)
-        segments = torch.full((n, seq), -1, dtype=torch.int64)
+        ids = torch.full((n, seq), self.padded.cache.meta["pad"], dtype=torch.int64, device=HOST)
+        labels = torch.full((n, seq), IGNORE_INDEX, dtype=torch.int64, device=HOST)
+        positions = torch.zeros((n, seq), dtype=torch.int64, device=HOST)
+        segments = torch.full((n, seq), -1, dtype=torch.int64, device=HOST)
         for row, pack in enumerate(indices):
             members = np.arange(self.starts[pack], self.starts[pack + 1])
             one = self.padded.rows(members)
@@ -138,10 +141,10 @@ class Packed:
                 width = int(self.padded.positions[member])
                 ids[row, at:at + width] = one.input_ids[k, :width]
                 labels[row, at:at + width] = one.labels[k, :width]
-                positions[row, at:at + width] = torch.arange(width)
+                positions[row, at:at + width] = torch.arange(width, device=HOST)
                 segments[row, at:at + width] = k
                 at += width
-        causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=HOST).tril()
         allowed = (segments.unsqueeze(-1) == segments.unsqueeze(-2)) & causal
         return Batch(ids, labels, positions, (~allowed).unsqueeze(1))
 
