@@ -25,7 +25,14 @@ with warnings.catch_warnings():
         model_parallel_cuda_manual_seed,
     )
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.moe import moe_utils as _moe_utils
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+# megatron-core 0.16's router gating reads ``te_general_gemm``, which its module defines only when
+# Transformer Engine imports; without it the name is missing (NameError) instead of ``None``, the
+# value that selects its torch fallback. Define it as that fallback, CUDA or not.
+if not hasattr(_moe_utils, "te_general_gemm"):
+    _moe_utils.te_general_gemm = None
 
 __all__ = [
     "ColumnParallelLinear",

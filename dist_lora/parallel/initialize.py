@@ -25,8 +25,10 @@ def current_groups() -> ParallelGroups:
     return _current
 
 
-def _validate(world: int, tensor_parallel: int, pipeline_parallel: int, sequence_parallel: bool) -> None:
-    for name, value in (("tensor_parallel", tensor_parallel), ("pipeline_parallel", pipeline_parallel)):
+def _validate(world: int, tensor_parallel: int, pipeline_parallel: int, sequence_parallel: bool,
+              expert_parallel: int = 1, expert_tensor_parallel: int = 1) -> None:
+    for name, value in (("tensor_parallel", tensor_parallel), ("pipeline_parallel", pipeline_parallel),
+                        ("expert_parallel", expert_parallel), ("expert_tensor_parallel", expert_tensor_parallel)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if world % (tensor_parallel * pipeline_parallel):
@@ -37,6 +39,13 @@ def _validate(world: int, tensor_parallel: int, pipeline_parallel: int, sequence
         )
     if sequence_parallel and tensor_parallel == 1:
         raise ValueError("sequence_parallel=True needs tensor_parallel > 1 (it shards the sequence over TP)")
+    experts = expert_parallel * expert_tensor_parallel
+    if (world // pipeline_parallel) % experts:
+        raise ValueError(
+            f"the {world // pipeline_parallel} ranks of a pipeline stage do not split into expert_parallel x "
+            f"expert_tensor_parallel = {expert_parallel} x {expert_tensor_parallel} (Megatron lays each stage's "
+            f"ranks out as etp x ep x expert-data-parallel); choose sizes whose product divides {world // pipeline_parallel}"
+        )
 
 
 def initialize(
@@ -46,6 +55,8 @@ def initialize(
     seed: int = 1234,
     timeout_s: float | None = None,
     backend: str | None = None,
+    expert_parallel: int = 1,
+    expert_tensor_parallel: int = 1,
 ) -> ParallelGroups:
     """Initialise torch.distributed and Megatron's parallel state; return the groups.
 
@@ -56,12 +67,17 @@ def initialize(
 
     ``timeout_s`` bounds every collective (default ``$DIST_LORA_TIMEOUT_S`` or 1800 s): a rank
     that dies makes the others fail within it instead of hanging.
+
+    ``expert_parallel`` (EP) and ``expert_tensor_parallel`` (ETP) lay out the experts of
+    mixture-of-experts layers (see :class:`ParallelGroups`): each stage's ranks are
+    ``etp x ep x edp``. ETP defaults to 1 (Megatron-Core's own default is the TP size).
     """
     global _current
 
     if not dist.is_initialized():
         env = detect()
-        _validate(env.world_size, tensor_parallel, pipeline_parallel, sequence_parallel)
+        _validate(env.world_size, tensor_parallel, pipeline_parallel, sequence_parallel, expert_parallel,
+                  expert_tensor_parallel)
         timeout = timeout_s or float(os.environ.get("DIST_LORA_TIMEOUT_S", DEFAULT_TIMEOUT_S))
         chosen = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
@@ -75,7 +91,8 @@ def initialize(
         )
         launcher, local_rank = env.launcher, env.local_rank
     else:
-        _validate(dist.get_world_size(), tensor_parallel, pipeline_parallel, sequence_parallel)
+        _validate(dist.get_world_size(), tensor_parallel, pipeline_parallel, sequence_parallel, expert_parallel,
+                  expert_tensor_parallel)
         launcher = "external"
         local_rank = _current.local_rank if _current is not None else int(os.environ.get("LOCAL_RANK", 0))
 
@@ -85,13 +102,17 @@ def initialize(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
         create_gloo_process_groups=False,
     )
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
     if megatron_cpu.cuda_present():
         model_parallel_cuda_manual_seed(seed)
     else:
-        megatron_cpu.seed_model_parallel(seed, tp_rank)
+        megatron_cpu.seed_model_parallel(seed, tp_rank, ep_rank, etp_rank)
     torch.manual_seed(seed)
 
     _current = ParallelGroups(
@@ -113,6 +134,15 @@ def initialize(
         dp_group=parallel_state.get_data_parallel_group(),
         model_parallel_group=parallel_state.get_model_parallel_group(),
         embedding_group=parallel_state.get_embedding_group(check_initialized=False),
+        ep_size=expert_parallel,
+        etp_size=expert_tensor_parallel,
+        ep_rank=ep_rank,
+        etp_rank=etp_rank,
+        edp_rank=parallel_state.get_expert_data_parallel_rank(),
+        ep_group=parallel_state.get_expert_model_parallel_group(),
+        etp_group=parallel_state.get_expert_tensor_parallel_group(),
+        edp_group=parallel_state.get_expert_data_parallel_group(),
+        expert_model_parallel_group=parallel_state.get_expert_tensor_model_pipeline_parallel_group(),
     )
     return _current
 
