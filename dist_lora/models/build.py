@@ -17,7 +17,27 @@ from dist_lora.models.spec import ModelSpec
 from dist_lora.parallel import ParallelGroups
 
 
-def transformer_config(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dtype) -> TransformerConfig:
+DISPATCHERS = ("alltoall", "allgather")
+
+
+def _expert_settings(spec: ModelSpec, groups: ParallelGroups, dispatcher: str) -> dict:
+    """Megatron's MoE settings for the family's routing (see :mod:`dist_lora.models.experts`):
+    sequential local experts, no load-balancing term of Megatron's own (the family's auxiliary
+    loss, when trained, is :mod:`dist_lora.models.router_loss`), no token dropping."""
+    experts = spec.experts
+    if experts is None:
+        return {}
+    if dispatcher not in DISPATCHERS:
+        raise ValueError(f"moe_token_dispatcher={dispatcher!r}: use one of {', '.join(DISPATCHERS)}")
+    return dict(num_moe_experts=experts.num_experts, moe_router_topk=experts.top_k,
+                moe_ffn_hidden_size=experts.ffn_hidden_size, moe_router_pre_softmax=not experts.renormalise,
+                moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_token_dispatcher_type=dispatcher,
+                moe_grouped_gemm=False, expert_model_parallel_size=groups.ep_size,
+                expert_tensor_parallel_size=groups.etp_size)
+
+
+def transformer_config(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dtype,
+                       dispatcher: str = "alltoall") -> TransformerConfig:
     """Megatron ``TransformerConfig`` equivalent to the HF config (dropout off, no fusions)."""
     window = None if spec.sliding_window is None else (spec.sliding_window - 1, 0)
     return TransformerConfig(
@@ -54,13 +74,16 @@ def transformer_config(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dty
         batch_p2p_comm=False,
         batch_p2p_sync=False,
         window_size=window,
+        **_expert_settings(spec, groups, dispatcher),
     )
 
 
-def build_gpt(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dtype) -> GPTModel:
-    """A ``GPTModel`` with this stage's layers; weights are uninitialised until loaded."""
-    config = transformer_config(spec, groups, dtype)
-    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+def build_gpt(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dtype, dispatcher: str = "alltoall") -> GPTModel:
+    """A ``GPTModel`` with this stage's layers; weights are uninitialised until loaded.
+    Mixture-of-experts families get Megatron's ``MoELayer`` with ``dispatcher`` routing tokens."""
+    config = transformer_config(spec, groups, dtype, dispatcher)
+    experts = spec.experts.num_experts if spec.experts is not None else None
+    layer = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, normalization="RMSNorm")
     layer.submodules.input_layernorm = TorchNorm
     layer.submodules.pre_mlp_layernorm = TorchNorm
     stage_layers = len(spec.layers_of_stage(groups.pp_rank, groups.pp_size))

@@ -10,16 +10,28 @@ turns the HF tensor(s) into this rank's shard. Layouts (see :mod:`dist_lora.mode
 ``vocab``       split along dim 0 after padding the vocabulary to a multiple of TP
 ``qkv``         q, k, v fused per query group: ``[ng x (nq/ng + 2) x head_dim]`` rows, split by group
 ``glu``         gate and up fused per rank: local ``[gate_i; up_i]`` (partition stride 2)
+``gate_up``     one HF tensor ``[gate; up]`` fused the same way (an expert's ``linear_fc1``)
 
 ``when`` names a feature of the checkpoint that must be present for the entry to apply:
 ``qkv_bias`` (Qwen2), ``untied`` (a separate ``lm_head``) or ``tied`` (the output layer reads
 the embedding). An entry applies on a rank only where the Megatron parameter exists (its PP
 stage). A new family is a new table.
+
+Mixture-of-experts families name each routed expert's parameters with ``{expert}``, the
+*global* expert index; they are sharded by the layout over the expert-tensor-parallel group (not
+TP) and the entry applies on the expert-parallel rank that holds the expert. Their checkpoints
+exist in two formats: transformers' default ``save_pretrained`` writes the original per-expert
+tensors (``hf``: Mixtral's ``block_sparse_moe.experts.{expert}.w1/w3/w2``), while in memory (and
+with ``save_original_format=False``) a layer's experts are fused 3D tensors [E, ...]
+(``fused``: ``mlp.experts.gate_up_proj`` / ``down_proj``, read one expert slice at a time).
+The fused names are also the ones PEFT's ``target_parameters`` and adapter keys use.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from dist_lora.models.experts import ExpertKeys
 
 
 @dataclass(frozen=True)
@@ -28,10 +40,18 @@ class WeightEntry:
     hf: tuple[str, ...]
     layout: str
     when: str | None = None
+    # transformers' in-memory names and layout where they differ from the checkpoint's (experts):
+    # a routed expert's entry reads slice ``{expert}`` of these fused [E, ...] tensors
+    fused: tuple[tuple[str, ...], str] | None = None
 
     @property
     def per_layer(self) -> bool:
         return "{layer}" in self.megatron
+
+    @property
+    def per_expert(self) -> bool:
+        """A routed expert's parameter: the HF tensors hold every expert, stacked on dim 0."""
+        return "{expert}" in self.megatron
 
 
 @dataclass(frozen=True)
@@ -44,6 +64,7 @@ class Family:
     qkv_bias: bool = False  # q/k/v projections always carry a bias (Qwen2)
     sliding_window_key: str | None = None  # config key of a sliding attention window, if any
     sliding_window_switch: str | None = None  # config key that turns the window on, if any
+    experts: ExpertKeys | None = None  # mixture-of-experts families: where the config keeps the experts
 
 
 _L = "model.layers.{layer}."
@@ -86,7 +107,39 @@ QWEN2 = Family(
     sliding_window_switch="use_sliding_window",
 )
 
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2)
+_EXPERT = _M + "mlp.experts.local_experts.{expert}."
+
+
+def _moe_mlp(block: str, gate: str, up: str, down: str) -> tuple[WeightEntry, ...]:
+    """The router and routed experts of a checkpoint that keeps them under ``block`` with
+    per-expert projections ``gate`` / ``up`` / ``down`` (fused in memory as ``mlp.experts``)."""
+    on_disk = _L + block + ".experts.{expert}."
+    return (
+        WeightEntry(_M + "mlp.router.weight", (_L + block + ".gate.weight",), "replicated",
+                    fused=((_L + "mlp.gate.weight",), "replicated")),
+        WeightEntry(_EXPERT + "linear_fc1.weight", (on_disk + gate + ".weight", on_disk + up + ".weight"), "glu",
+                    fused=((_L + "mlp.experts.gate_up_proj",), "gate_up")),
+        WeightEntry(_EXPERT + "linear_fc2.weight", (on_disk + down + ".weight",), "row",
+                    fused=((_L + "mlp.experts.down_proj",), "row")),
+    )
+
+
+def _with_experts(decoder: tuple[WeightEntry, ...], moe: tuple[WeightEntry, ...]) -> tuple[WeightEntry, ...]:
+    """``decoder`` with its dense MLP replaced by the router and the routed experts, in place."""
+    out: list[WeightEntry] = []
+    for entry in decoder:
+        if entry.megatron.endswith("mlp.linear_fc1.weight"):
+            out += moe
+        elif not entry.megatron.endswith("mlp.linear_fc2.weight"):
+            out.append(entry)
+    return tuple(out)
+
+
+MIXTRAL = Family("mixtral", ("mixtral",), _with_experts(_DECODER, _moe_mlp("block_sparse_moe", "w1", "w3", "w2")),
+                 sliding_window_key="sliding_window",
+                 experts=ExpertKeys(count="num_local_experts", ffn="intermediate_size"))
+
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, MIXTRAL)
 
 
 def family_for(model_type: str | None) -> Family:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dist_lora.models.experts import ExpertSpec, expert_spec
 from dist_lora.models.families import Family, family_for
 
 _LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -37,6 +38,7 @@ class ModelSpec:
     norm_eps: float
     max_positions: int
     sliding_window: int | None
+    experts: ExpertSpec | None = None  # the routed experts of a mixture-of-experts family
 
     @property
     def features(self) -> frozenset[str]:
@@ -62,7 +64,7 @@ class ModelSpec:
                 f"tensor_parallel={tp_size} does not divide num_key_value_heads={self.num_kv_heads}; "
                 f"use a TP size that divides it"
             )
-        if self.ffn_hidden_size % tp_size:
+        if self.experts is None and self.ffn_hidden_size % tp_size:  # TP does not split routed experts
             raise ValueError(
                 f"tensor_parallel={tp_size} does not divide intermediate_size={self.ffn_hidden_size}"
             )
@@ -145,6 +147,7 @@ def spec_from_config(config: dict[str, Any]) -> ModelSpec:
         norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         max_positions=int(config.get("max_position_embeddings", 4096)),
         sliding_window=window,
+        experts=expert_spec(config, family.experts) if family.experts is not None else None,
     )
 
 

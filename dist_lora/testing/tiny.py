@@ -22,6 +22,11 @@ TINY_CONFIGS: dict[str, dict] = {
                   intermediate_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
                   max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
                   use_sliding_window=False),
+    # 4 experts, top-2, an expert FFN (48) that ETP=2 splits, GQA (4 / 2 heads).
+    "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=96, hidden_size=64,
+                    intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+                    rope_theta=10000.0, tie_word_embeddings=False, router_aux_loss_coef=0.02),
 }
 
 
