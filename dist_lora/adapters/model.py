@@ -69,6 +69,19 @@ class ModelView:
         g = self.groups
         return g.dp_group if g is not None and g.dp_size > 1 else None
 
+    @property
+    def ep_group(self) -> Any:
+        """The expert-parallel group when EP > 1 (a layer's experts are spread over it), else ``None``."""
+        g = self.groups
+        return g.ep_group if g is not None and g.ep_size > 1 else None
+
+    @property
+    def edp_group(self) -> Any:
+        """The expert-data-parallel group (the replicas of an expert shard) when it has several
+        ranks, else ``None``."""
+        g = self.groups
+        return g.edp_group if g is not None and g.edp_size > 1 else None
+
     def candidates(self) -> list[Candidate]:
         """Every adaptable output on this rank (this pipeline stage's layers)."""
         if self.info is not None:

@@ -65,6 +65,7 @@ class Family:
     sliding_window_key: str | None = None  # config key of a sliding attention window, if any
     sliding_window_switch: str | None = None  # config key that turns the window on, if any
     experts: ExpertKeys | None = None  # mixture-of-experts families: where the config keeps the experts
+    default_targets: tuple[str, ...] | None = ("q_proj", "v_proj")  # PEFT's target_modules=None for the type
 
 
 _L = "model.layers.{layer}."

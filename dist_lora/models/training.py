@@ -120,7 +120,12 @@ def finalize_grads(model) -> None:
     """Average trainable gradients over data-parallel ranks (Megatron DDP's buckets when
     :func:`use_megatron_ddp` is on, else one all-reduce per tensor); sum sequence-parallel
     partial gradients (norm weights, row-parallel biases) over TP. Call after backward, before
-    the step; the gradients are then in ``.grad`` (and DDP's buffers are cleared)."""
+    the step; the gradients are then in ``.grad`` (and DDP's buffers are cleared).
+
+    A routed expert's parameters (Megatron's mark: ``allreduce = False``) saw the tokens of every
+    rank that routed to it, so its gradient is already a sum over part of the dense DP group: it
+    is summed over the expert's replicas (the expert-data-parallel group) and divided by the dense
+    DP size, as Megatron-Core's DDP does for expert buffers."""
     info = model_info(model)
     groups, ddp = info.groups, info.ddp
     bucketed = set()
@@ -136,7 +141,14 @@ def finalize_grads(model) -> None:
             continue
         if groups.sequence_parallel and getattr(param, "sequence_parallel", False):
             all_reduce_(param.grad, groups.tp_group)
-        if groups.dp_size > 1 and id(param) not in bucketed:
+        if id(param) in bucketed:
+            continue
+        if not getattr(param, "allreduce", True):  # a routed expert's: summed over its replicas
+            if groups.edp_size > 1:
+                all_reduce_(param.grad, groups.edp_group)
+            if groups.dp_size > 1:
+                param.grad.div_(groups.dp_size)
+        elif groups.dp_size > 1:
             all_reduce_(param.grad, groups.dp_group)
             param.grad.div_(groups.dp_size)
 
