@@ -23,6 +23,7 @@ import re
 
 import torch
 
+from dist_lora.adapters.targets import pattern_value
 from dist_lora.checkpoint.peft_names import PREFIX
 
 ROLES = ("lora_A", "lora_B")
@@ -84,3 +85,25 @@ def is_expert_key(key: str, spec) -> bool:
         return False
     stem = _EXPERT_KEY.sub("", key)
     return stem.endswith(".mlp.experts")
+
+
+def expert_parameter_names(spec) -> list[str]:
+    """Every layer's fused expert parameters (``model.layers.3.mlp.experts.gate_up_proj``, ...)."""
+    names = []
+    for entry in spec.family.weights:
+        if entry.per_expert:
+            names += [entry.fused[0][0].format(layer=g) for g in range(spec.num_layers)]
+    return names
+
+
+def check_expert_shapes(config, tensors: dict, spec) -> None:
+    """Raise ``ValueError`` if a PEFT adapter's packed expert tensors do not fit this model's
+    experts (another expert count or rank): checked before the adapter is added."""
+    if spec is None or spec.experts is None or not config.target_parameters:
+        return
+    for param in expert_parameter_names(spec):
+        r = pattern_value(config.rank_pattern, param, config.r)
+        for role in ROLES:
+            key = peft_expert_key(param, role, config.target_parameters, spec)
+            if key in tensors:
+                unpack(role, tensors[key], spec.experts.num_experts, r, key)

@@ -22,9 +22,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dist_lora.adapters.lora import add_adapter
+from dist_lora.adapters.management import delete_adapter
+from dist_lora.adapters.model import view
 from dist_lora.adapters.registry import require_adapter
 from dist_lora.checkpoint.atomic import atomic_directory
 from dist_lora.checkpoint.entries import entries, is_training_state
+from dist_lora.checkpoint.expert_keys import check_expert_shapes, pack, peft_expert_key
 from dist_lora.checkpoint.fuse import fuse_projections
 from dist_lora.checkpoint.initial_conversion import subtract_initial
 from dist_lora.checkpoint.peft_names import PREFIX, bias_key, peft_key, split_fused
@@ -40,13 +43,15 @@ CONFIG = "adapter_config.json"
 
 
 def _peft_config(config: LoraConfig, modules: dict[str, tuple[int, float]], saved: list[str],
-                 base_model: str | None) -> dict:
-    """PEFT config naming exactly the exported modules; ranks / alphas that differ from the
-    defaults become explicit ``rank_pattern`` / ``alpha_pattern`` entries. The exported weights
-    are final, so the initialisation and its settings (``loftq_config``, ``eva_config``) are not
-    carried over."""
+                 base_model: str | None, parameters: set[str] = frozenset()) -> dict:
+    """PEFT config naming exactly the exported modules (and, in ``target_parameters``, the
+    routed-expert parameters among them); ranks / alphas that differ from the defaults become
+    explicit ``rank_pattern`` / ``alpha_pattern`` entries. The exported weights are final, so the
+    initialisation and its settings (``loftq_config``, ``eva_config``) are not carried over."""
     out = config.to_dict()
-    out.update(target_modules=sorted(modules), exclude_modules=None, layers_to_transform=None,
+    out.update(target_modules=sorted(m for m in modules if m not in parameters),
+               target_parameters=sorted(p for p in modules if p in parameters) or None,
+               exclude_modules=None, layers_to_transform=None,
                layers_pattern=None, modules_to_save=saved or None, init_lora_weights=True,
                rank_pattern={m: r for m, (r, _) in sorted(modules.items()) if r != config.r},
                alpha_pattern={m: a for m, (_, a) in sorted(modules.items()) if a != config.lora_alpha},
@@ -82,11 +87,13 @@ def _export_model(model, out_dir: Path, adapter_name: str, base: str | None, ove
                   initial: str | Path | None = None) -> Path:
     config = require_adapter(model, adapter_name)
     state = adapter_state_dict(model, adapter_name)
-    ranks = {hf: (e.shape[0], e.alpha) for e in entries(model, adapter_name) if e.role == "lora_A"
-             for hf in e.hf_names}
-    merged = {}
-    for part in all_gather_object(ranks):
+    mine = [e for e in entries(model, adapter_name) if e.role == "lora_A"]
+    ranks = {hf: (e.shape[0], e.alpha) for e in mine for hf in e.hf_names}
+    experts = {hf for e in mine if e.kind == "expert" for hf in e.hf_names}
+    merged, parameters = {}, set()
+    for part, names in all_gather_object((ranks, experts)):
         merged.update(part)
+        parameters |= names
     saved = sorted({k[len(PREFIX):-len(".weight")] for k in state if _is_saved_module(k)})
     target = _out_dir(out_dir, adapter_name)
     with on_every_rank(f"exporting to {target}"):
@@ -95,7 +102,8 @@ def _export_model(model, out_dir: Path, adapter_name: str, base: str | None, ove
                 state, config, merged = subtract_initial(state, config, merged, initial)
             with atomic_directory(target, overwrite) as tmp:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
-                (tmp / CONFIG).write_text(json.dumps(_peft_config(config, merged, saved, base), indent=2, sort_keys=True))
+                peft_config = _peft_config(config, merged, saved, base, parameters)
+                (tmp / CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
     return target
 
 
@@ -106,11 +114,16 @@ def _is_saved_module(key: str) -> bool:
 def _checkpoint_plan(manifest: dict, config: LoraConfig):
     """(plan, ranks, saved): every PEFT tensor of a sharded checkpoint, from the manifest alone."""
     spec = spec_from_config(manifest["model_config"]) if manifest["model_config"] else None
-    plan, ranks, saved = [], {}, []
+    plan, ranks, saved, experts = [], {}, [], {}
     for key, meta in manifest["tensors"].items():
         if is_training_state(meta["role"]):  # optimizer / method state of a training checkpoint
             continue
         names = tuple(meta["hf_names"])
+        if meta["kind"] == "expert":  # packed with the layer's other experts below
+            experts.setdefault((names[0], meta["role"]), {})[meta["expert"]] = key
+            if meta["role"] == "lora_A":
+                ranks[names[0]] = (meta["shape"][0], meta["alpha"])
+            continue
         shapes = split_fused(meta["fused"], torch.empty(meta["shape"], device="meta"), names, spec,
                              shared=meta["role"] == "lora_A")
         for hf, t in shapes.items():
@@ -121,8 +134,15 @@ def _checkpoint_plan(manifest: dict, config: LoraConfig):
             ranks.update({hf: (meta["shape"][0], meta["alpha"]) for hf in names})
         if meta["role"] == "modules_to_save":
             saved += list(names)
+    for (param, role), keys in experts.items():
+        ordered = tuple(keys[e] for e in range(spec.experts.num_experts))  # every expert is in the checkpoint
+        metas = [manifest["tensors"][k] for k in ordered]
+        shape = metas[0]["shape"]
+        packed = [shape[0] * len(ordered), shape[1]] if role == "lora_A" else [shape[0], shape[1] * len(ordered)]
+        plan.append((ordered, param, peft_expert_key(param, role, config.target_parameters or [], spec),
+                     getattr(torch, metas[0]["dtype"]), tuple(packed)))
     plan.sort(key=lambda p: p[2])
-    return plan, ranks, sorted(saved), spec
+    return plan, ranks, sorted(saved), spec, {param for param, _ in experts}
 
 
 def checkpoint_tensors(path: str | Path):
@@ -130,12 +150,16 @@ def checkpoint_tensors(path: str | Path):
     tensor (and its per-projection split) in memory at a time."""
     manifest = read_manifest(path)
     config = LoraConfig.from_dict(manifest["adapter_config"])
-    plan, ranks, saved, spec = _checkpoint_plan(manifest, config)
+    plan, ranks, saved, spec, parameters = _checkpoint_plan(manifest, config)
     reader = ShardReader(Path(path), manifest)
 
     def tensors():
         current_key, split = None, {}
         for key, hf, out_key, _, _ in plan:
+            if isinstance(key, tuple):  # a routed expert parameter: every expert's factor, packed
+                role = manifest["tensors"][key[0]]["role"]
+                yield out_key, pack(role, [reader.global_tensor(k) for k in key]).contiguous()
+                continue
             if key != current_key:
                 meta = manifest["tensors"][key]
                 split = split_fused(meta["fused"], reader.global_tensor(key), tuple(meta["hf_names"]), spec,
@@ -143,7 +167,7 @@ def checkpoint_tensors(path: str | Path):
                 current_key = key
             yield out_key, split[hf].contiguous()
 
-    return _peft_config(config, ranks, saved, None), plan, tensors()
+    return _peft_config(config, ranks, saved, None, parameters), plan, tensors()
 
 
 def _export_checkpoint(path: Path, out_dir: Path, base: str | None, overwrite: bool) -> Path:
@@ -214,15 +238,22 @@ def import_peft(model, peft_dir: str | Path, adapter_name: str = "default", fuse
     By default each HF projection gets its own adapter (q_proj-only adapters stay q_proj-only).
     ``fused=True`` turns the q/k/v (gate/up) adapters of each layer into one adapter on the fused
     Megatron layer, exactly: A is the stack of their A's (rank = the sum of their ranks) and B is
-    block-structured, each projection's block carrying its own scaling. Unsupported adapter
-    types, modules this model lacks and shape mismatches raise on every rank; ignored config
+    block-structured, each projection's block carrying its own scaling. Adapters on routed
+    experts (PEFT's ``target_parameters``) are unpacked per expert onto their EP / ETP shards.
+    Unsupported adapter types, modules this model lacks, shape mismatches and an adapter for
+    another expert count raise on every rank and leave the model as it was; ignored config
     fields give a warning.
     """
     config, tensors = None, None
     with on_every_rank(f"importing {peft_dir}"):
         config, tensors = read_peft(peft_dir)
+        check_expert_shapes(config, tensors, view(model).spec)  # before the model changes
         if fused:
             config, tensors = fuse_projections(model, config, tensors)
     config.init_lora_weights = True  # the file holds every tensor; the init is overwritten
     add_adapter(model, config, adapter_name)
-    set_adapter_state_dict(model, tensors, adapter_name)
+    try:
+        set_adapter_state_dict(model, tensors, adapter_name)
+    except BaseException:  # raised on every rank: take the new adapter out again everywhere
+        delete_adapter(model, adapter_name)
+        raise
