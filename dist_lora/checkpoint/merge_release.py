@@ -63,6 +63,10 @@ def merge_release(base_dir: str | Path, adapter: str | Path, out_dir: str | Path
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     config, tensors = read_adapter(adapter)
     base_config = json.loads((base_dir / "config.json").read_text())
+    if config.target_parameters:
+        raise ValueError("the adapter adapts routed experts (target_parameters); an offline merged release of "
+                         "expert adapters is not supported: merge on the model (merge_and_unload) and write it "
+                         "with dist_lora.models.save_pretrained")
     modules, replace = adapter_modules(config, tensors), _replacements(tensors)
     reader = HFCheckpoint(base_dir)
     names = reader.names()

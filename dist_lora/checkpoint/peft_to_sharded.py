@@ -45,6 +45,9 @@ def peft_to_sharded(peft_dir: str | Path, base_dir: str | Path, dst: str | Path,
     config, tensors = read_adapter(peft_dir)
     spec = read_spec(base_dir)
     spec.check_layout(tp, pp)
+    if config.target_parameters:
+        raise ValueError("the adapter adapts routed experts (target_parameters), which this offline converter "
+                         "does not lay out; import it onto the model with import_peft and save_adapter it there")
     table = hf_module_table(spec)
     shard, metas = {}, {}
     for key, tensor in sorted(tensors.items()):

@@ -141,7 +141,8 @@ def _unshard_glu(shards, spec):
 def _read_gate_up(reader, names, spec, tp, rank):
     half = reader.shape(names[0])[0] // 2
     start, stop = _span(half, tp, rank)
-    return torch.cat([reader.read(names[0], rows=(start, stop)), reader.read(names[0], rows=(half + start, half + stop))])
+    gate = reader.read(names[0], rows=(start, stop))
+    return torch.cat([gate, reader.read(names[0], rows=(half + start, half + stop))])
 
 
 def _unshard_gate_up(shards, spec):

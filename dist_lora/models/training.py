@@ -159,7 +159,10 @@ def clip_grad_norm(model, max_norm: float) -> float:
     The norm is over the *global* parameters: a tensor split over TP counts every shard, a tensor
     replicated over TP (LoRA A of column layers, B of row layers, unsplit biases) counts once,
     and the squares are summed over the model-parallel group (TP x PP). Data-parallel replicas
-    hold equal gradients after ``finalize_grads`` and are not summed.
+    hold equal gradients after ``finalize_grads`` and are not summed. A routed expert's tensors
+    (``allreduce = False``) are split over EP and, like a dense layer's over TP, split or
+    replicated over ETP: their squares are summed over the expert-model-parallel group
+    (ETP x EP x PP) instead.
     """
     groups = model_info(model).groups
     split = {id(p) for p in model.parameters() if getattr(p, "tensor_model_parallel", False)}
@@ -171,15 +174,20 @@ def clip_grad_norm(model, max_norm: float) -> float:
     for _, module in saved_modules(model):
         if module.layout.dim is not None:
             split.update(id(p) for p in module.copies.values())
-    total, grads = torch.zeros(()), []
+    dense, experts, grads = torch.zeros(()), torch.zeros(()), []
     for param in model.parameters():
         if not param.requires_grad or param.grad is None:
             continue
         grads.append(param.grad)
-        if id(param) in split or groups.tp_rank == 0:
-            total += param.grad.float().pow(2).sum()
-    all_reduce_(total, groups.model_parallel_group)
-    norm = total.sqrt().item()
+        if getattr(param, "allreduce", True):
+            if id(param) in split or groups.tp_rank == 0:
+                dense += param.grad.float().pow(2).sum()
+        elif id(param) in split or groups.etp_rank == 0:
+            experts += param.grad.float().pow(2).sum()
+    all_reduce_(dense, groups.model_parallel_group)
+    if groups.expert_model_parallel_group is not None:
+        all_reduce_(experts, groups.expert_model_parallel_group)
+    norm = (dense + experts).sqrt().item()
     if max_norm > 0 and norm > max_norm:
         for grad in grads:
             grad.mul_(max_norm / (norm + 1e-6))

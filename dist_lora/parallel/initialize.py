@@ -39,12 +39,12 @@ def _validate(world: int, tensor_parallel: int, pipeline_parallel: int, sequence
         )
     if sequence_parallel and tensor_parallel == 1:
         raise ValueError("sequence_parallel=True needs tensor_parallel > 1 (it shards the sequence over TP)")
-    experts = expert_parallel * expert_tensor_parallel
-    if (world // pipeline_parallel) % experts:
+    experts, stage = expert_parallel * expert_tensor_parallel, world // pipeline_parallel
+    if stage % experts:
         raise ValueError(
-            f"the {world // pipeline_parallel} ranks of a pipeline stage do not split into expert_parallel x "
-            f"expert_tensor_parallel = {expert_parallel} x {expert_tensor_parallel} (Megatron lays each stage's "
-            f"ranks out as etp x ep x expert-data-parallel); choose sizes whose product divides {world // pipeline_parallel}"
+            f"the {stage} ranks of a pipeline stage do not split into expert_parallel x expert_tensor_parallel = "
+            f"{expert_parallel} x {expert_tensor_parallel} (Megatron lays each stage's ranks out as etp x ep x "
+            f"expert-data-parallel); choose sizes whose product divides {stage}"
         )
 
 
