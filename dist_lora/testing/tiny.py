@@ -53,3 +53,21 @@ def save_tiny(config: dict | str | Path, out_dir: str | Path, seed: int = 0,
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(out_dir), **kwargs)
     return model
+
+
+def experts_reached(model, ids: torch.Tensor) -> list[set[int]]:
+    """For each layer of an HF mixture-of-experts model, the experts its router sends the tokens
+    of ``ids`` to (tests check that a batch reaches every expert)."""
+    reached: list[set[int]] = []
+
+    def record(_module, _inputs, output):
+        reached.append(set(output[2].unique().tolist()))  # (logits, top-k weights, top-k indices)
+
+    hooks = [layer.mlp.gate.register_forward_hook(record) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return reached
