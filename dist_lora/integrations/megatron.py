@@ -26,6 +26,7 @@ with warnings.catch_warnings():
     )
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.moe import moe_utils as _moe_utils
+    from megatron.core.transformer.moe.router import TopKRouter
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 # megatron-core 0.16's router gating reads ``te_general_gemm``, which its module defines only when
@@ -41,6 +42,7 @@ __all__ = [
     "GPTModel",
     "RowParallelLinear",
     "TransformerBlockSubmodules",
+    "TopKRouter",
     "TransformerConfig",
     "VocabParallelEmbedding",
     "get_cuda_rng_tracker",

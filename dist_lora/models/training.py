@@ -5,7 +5,8 @@ the sum of exponentials and the target logit are reduced over TP with differenti
 collectives, and the padding rows of the vocabulary are masked to -inf so they never count.
 ``forward_backward`` runs micro-batches (through Megatron's pipeline schedule when PP > 1) and
 returns the loss on every rank; ``finalize_grads`` averages gradients over data-parallel ranks
-and sums the partial gradients of sequence-parallel parameters over TP.
+and sums the partial gradients of sequence-parallel parameters over TP. Mixture-of-experts
+models can add their family's auxiliary load-balancing loss (:mod:`dist_lora.models.router_loss`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dist_lora.integrations.megatron import (
 )
 from dist_lora.integrations.megatron_cpu import cpu_device_mode
 from dist_lora.models.loading import model_info
+from dist_lora.models.router_loss import RouterStatistics
 from dist_lora.parallel.collectives import all_reduce_, broadcast_, reduce_from_group
 
 IGNORE_INDEX = -100
@@ -52,13 +54,41 @@ def _mean_loss(local_logits, labels, spec, groups) -> torch.Tensor:
     return per_token.sum() / count
 
 
+def _aux_coefficient(spec, groups, router_aux_loss: bool | None) -> float | None:
+    """The auxiliary loss's coefficient when it is on, else ``None``."""
+    experts = spec.experts
+    on = (experts is not None and experts.aux_loss) if router_aux_loss is None else router_aux_loss
+    if not on:
+        return None
+    if experts is None:
+        raise ValueError(f"router_aux_loss=True needs a mixture-of-experts model; {spec.family.name} has no router")
+    if groups.pp_size > 1:
+        raise ValueError("router_aux_loss is not supported with pipeline_parallel > 1: the family's loss pools the "
+                         "routing statistics of every layer, which live on different stages; use "
+                         "pipeline_parallel=1 or train without it (router_aux_loss=False)")
+    return experts.aux_loss_coef
+
+
+def _micro_batch_loss(model, ids, positions, labels, spec, groups, coefficient: float | None) -> torch.Tensor:
+    """One micro-batch's mean token loss (plus ``coefficient`` times the auxiliary loss) at PP = 1."""
+    if coefficient is None:
+        return _mean_loss(model(ids, positions, attention_mask=None), labels, spec, groups)
+    with RouterStatistics(model, spec.experts.num_experts, groups.tp_group) as routing:
+        out = model(ids, positions, attention_mask=None)
+    return _mean_loss(out, labels, spec, groups) + coefficient * routing.loss()
+
+
 def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_microbatches: int = 1,
-                     forward_only: bool = False) -> torch.Tensor:
+                     forward_only: bool = False, router_aux_loss: bool | None = None) -> torch.Tensor:
     """Mean token loss of the batch (mean over micro-batches of their token means), on every
     rank; gradients are accumulated into ``.grad`` unless ``forward_only``.
 
     ``input_ids`` and ``labels`` are [batch, seq] (labels already shifted; -100 is ignored);
     the batch splits into ``num_microbatches`` equal micro-batches along dim 0.
+    ``router_aux_loss`` (mixture-of-experts models): add ``router_aux_loss_coef`` times the
+    family's load-balancing loss of each micro-batch, as transformers does with
+    ``output_router_logits=True``; ``None`` follows the model's ``config.json``
+    (``output_router_logits``). Not with pipeline parallelism.
     """
     info = model_info(model)
     groups, spec = info.groups, info.spec
@@ -67,12 +97,13 @@ def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_m
         raise ValueError(f"batch size {batch} does not split into {num_microbatches} micro-batches")
     if groups.sequence_parallel and seq % groups.tp_size:
         raise ValueError(f"sequence length {seq} must be divisible by the TP size {groups.tp_size} with SP")
+    coefficient = _aux_coefficient(spec, groups, router_aux_loss)
     ids_mb, labels_mb = input_ids.chunk(num_microbatches), labels.chunk(num_microbatches)
     positions = torch.arange(seq).unsqueeze(0).expand(batch // num_microbatches, -1)
     if groups.pp_size == 1:
         total = torch.zeros(())
         for ids, lab in zip(ids_mb, labels_mb):
-            loss = _mean_loss(model(ids, positions, attention_mask=None), lab, spec, groups) / num_microbatches
+            loss = _micro_batch_loss(model, ids, positions, lab, spec, groups, coefficient) / num_microbatches
             if not forward_only:
                 loss.backward()
             total += loss.detach()

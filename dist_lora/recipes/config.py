@@ -26,6 +26,7 @@ class ModelSection:
     demo_seed: int = 0
     quantize: typing.Optional[str] = None  # nf4 | fp4: 4-bit base weights (QLoRA), adapters stay in train.dtype
     quantize_blocksize: int = 64
+    moe_token_dispatcher: str = "alltoall"  # alltoall | allgather: how mixture-of-experts layers move tokens
 
 
 @dataclass
@@ -33,6 +34,8 @@ class ParallelSection:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     sequence_parallel: bool = False
+    expert_parallel: int = 1  # mixture-of-experts models: ranks the experts of a layer are spread over
+    expert_tensor_parallel: int = 1  # ... and the ranks each expert is split over
 
 
 @dataclass
@@ -59,6 +62,9 @@ class TrainSection:
     seed: int = 1234
     log_every: int = 1
     stop_at: typing.Optional[int] = None  # end this run after this step (checkpointed), e.g. for a time limit
+    # mixture-of-experts models: add the family's load-balancing loss (router_aux_loss_coef x aux, as
+    # transformers does); null follows the model's config.json (output_router_logits)
+    router_aux_loss: typing.Optional[bool] = None
 
 
 @dataclass
@@ -157,6 +163,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
         raise ValueError(f"train.dtype must be float32 or bfloat16, got {config.train.dtype!r}")
     if config.model.quantize not in (None, "nf4", "fp4"):
         raise ValueError(f"model.quantize must be nf4, fp4 or null, got {config.model.quantize!r}")
+    if config.model.moe_token_dispatcher not in ("alltoall", "allgather"):
+        raise ValueError(f"model.moe_token_dispatcher must be alltoall or allgather, got "
+                         f"{config.model.moe_token_dispatcher!r}")
+    for name in ("tensor_parallel", "pipeline_parallel", "expert_parallel", "expert_tensor_parallel"):
+        if getattr(config.parallel, name) < 1:
+            raise ValueError(f"parallel.{name} must be >= 1")
     for name in ("steps", "micro_batch_size", "micro_batches", "log_every"):
         if getattr(config.train, name) < 1:
             raise ValueError(f"train.{name} must be >= 1")

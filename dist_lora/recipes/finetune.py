@@ -1,7 +1,9 @@
 """The fine-tuning loop for Megatron models: explicit, one step per iteration, nothing hidden.
 
 Per step: the DP rank's batch -> ``forward_backward`` (Megatron's pipeline schedule with PP,
-``train.micro_batches`` micro-batches) -> ``finalize_grads`` (DP average in Megatron-Core DDP's buckets, SP sums) ->
+``train.micro_batches`` micro-batches; the family's router load-balancing loss with
+``train.router_aux_loss``) -> ``finalize_grads`` (DP average in Megatron-Core DDP's buckets, expert
+gradients over their expert-data-parallel group, SP sums) ->
 ``clip_grad_norm`` (global norm) -> AdamW with linear warm-up and cosine decay. Rank 0 shows a
 progress bar and appends the metrics to ``metrics.jsonl``. Training checkpoints every
 ``checkpoint.every`` steps (``--resume`` continues from the latest with bit-identical losses on
@@ -36,13 +38,15 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
     """Run the recipe on this process's ranks; returns the exit code."""
     p, t = config.parallel, config.train
     check(config)
-    groups = parallel.initialize(p.tensor_parallel, p.pipeline_parallel, p.sequence_parallel, seed=t.seed)
+    groups = parallel.initialize(p.tensor_parallel, p.pipeline_parallel, p.sequence_parallel, seed=t.seed,
+                                 expert_parallel=p.expert_parallel, expert_tensor_parallel=p.expert_tensor_parallel)
     out, checkpoints = Path(config.output.dir), Path(config.checkpoint.dir)
     if groups.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         checkpoints.mkdir(parents=True, exist_ok=True)
     base = base_dir(config, out, groups.rank)
-    model = models.from_pretrained(base, dtype=torch.float32 if t.dtype == "float32" else torch.bfloat16)
+    model = models.from_pretrained(base, dtype=torch.float32 if t.dtype == "float32" else torch.bfloat16,
+                                   moe_token_dispatcher=config.model.moe_token_dispatcher)
     holdout, batches = training_data(config, base, groups.dp_size, groups.dp_rank)
     applied = adapter.apply(model, config, batches, out)  # and the 4-bit base, if any
 
@@ -61,7 +65,7 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
             group["lr"] = lr
         ids, labels = batches(step)
         optimizer.zero_grad(set_to_none=True)
-        loss = forward_backward(model, ids, labels, num_microbatches=t.micro_batches)
+        loss = forward_backward(model, ids, labels, num_microbatches=t.micro_batches, router_aux_loss=t.router_aux_loss)
         penalty = adapter.after_backward(model, applied)  # AdaLoRA's orthogonality penalty
         finalize_grads(model)
         grad_norm = clip_grad_norm(model, t.clip_grad)

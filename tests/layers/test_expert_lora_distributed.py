@@ -60,6 +60,7 @@ def prepare(tmp: Path) -> dict:
         with torch.no_grad():
             merged = peft.merge_and_unload().eval()(ids).logits
         torch.save({"ids": ids, "labels": labels, "merged": merged, **ref}, tmp / f"ref_{name}.pt")
+    data["mixtral_aux"] = str(_aux_reference(tmp))
     # an adapter for a Mixtral with 8 experts: it does not fit the 4-expert model
     eight = hf_model({**TINY_CONFIGS["mixtral"], "num_local_experts": 8})
     import peft as peft_lib
@@ -67,6 +68,39 @@ def prepare(tmp: Path) -> dict:
     peft_lib.get_peft_model(eight, peft_lib.LoraConfig(r=2, target_modules=[], target_parameters=EXPERTS)) \
         .save_pretrained(str(tmp / "peft_eight_experts"))
     return data
+
+
+AUX = {**TINY_CONFIGS["mixtral"], "output_router_logits": True, "router_aux_loss_coef": 1.0}
+
+
+def _aux_reference(tmp: Path) -> Path:
+    """The tiny Mixtral with transformers' auxiliary loss on (a large coefficient, so that it
+    matters), and PEFT's loss and gradients with it, as each data-parallel replica computes them
+    on its share of the batch (``dp`` = 2 and 4), averaged over the replicas."""
+    from dist_lora.testing.peft_reference import loss_of, trainable
+
+    family, config = SCENARIOS["mixtral"]
+    config = dict(config, init_lora_weights=False)
+    save_tiny(AUX, tmp / "mixtral_aux")
+    ref = _ref_from(tmp, "mixtral")
+    out = {}
+    for dp in (2, 4):
+        model = peft_model(family, config, ref["state"], base=hf_model(AUX))
+        losses = []
+        for ids, labels in zip(ref["ids"].chunk(dp), ref["labels"].chunk(dp)):
+            result = model(ids, output_router_logits=True)
+            loss = loss_of(result.logits, labels) + AUX["router_aux_loss_coef"] * result.aux_loss
+            (loss / dp).backward()
+            losses.append(loss.item())
+        grads = {k: p.grad.detach().clone() for k, p in trainable(model).items()}
+        assert max(rel_error(grads[k], ref["grads"][k]) for k in grads) > 1e-2, "the auxiliary loss must matter"
+        out[dp] = {"loss": sum(losses) / dp, "grads": grads}
+    torch.save(out, tmp / "ref_aux.pt")
+    return tmp / "mixtral_aux"
+
+
+def _ref_from(tmp, name):
+    return torch.load(Path(tmp) / f"ref_{name}.pt")
 
 
 def _ref(ctx, name):
@@ -239,6 +273,32 @@ def _fails_everywhere_unchanged(model, ids, action, needle):
     assert after["params"].keys() == before["params"].keys()
     assert all(torch.equal(p, before["params"][n]) for n, p in after["params"].items())
     assert torch.equal(after["logits"], before["logits"])
+
+
+@check("tp1-ep2-etp2", "tp2-ep2-sp")
+def router_aux_loss_matches_transformers(ctx):
+    """config.json's output_router_logits turns the family's load-balancing loss on (pooled over
+    the layers, summed over the sequence shards of TP), as in transformers."""
+    ref, aux = _ref(ctx, "mixtral"), torch.load(Path(ctx.tmp) / "ref_aux.pt")[ctx.groups.dp_size]
+    _, config = SCENARIOS["mixtral"]
+    model = models.from_pretrained(ctx.data["mixtral_aux"])
+    dl.apply_lora(model, dl.LoraConfig(**dict(config, init_lora_weights=False)))
+    dl.set_adapter_state_dict(model, ref["state"])
+    loss = forward_backward(model, _my_rows(ctx, ref["ids"]), _my_rows(ctx, ref["labels"]))
+    finalize_grads(model)
+    assert abs(_mean_over_dp(ctx, loss.item()) - aux["loss"]) <= TOL * aux["loss"]
+    _assert_close(dl.adapter_state_dict(model, gradients=True), aux["grads"], "gradients with the auxiliary loss")
+    off = forward_backward(model, _my_rows(ctx, ref["ids"]), _my_rows(ctx, ref["labels"]), forward_only=True,
+                           router_aux_loss=False)
+    assert abs(_mean_over_dp(ctx, off.item()) - ref["loss"].item()) <= TOL * ref["loss"].item()
+
+
+@check("tp1-pp2")
+def router_aux_loss_with_pipeline_parallelism_is_refused(ctx):
+    model = models.from_pretrained(ctx.data["mixtral_aux"])
+    ref = _ref(ctx, "mixtral")
+    with pytest.raises(ValueError, match="router_aux_loss is not supported with pipeline_parallel > 1"):
+        forward_backward(model, ref["ids"], ref["labels"], num_microbatches=2)
 
 
 @check("tp1-ep2-etp2")
