@@ -50,7 +50,7 @@ def _factor_entries(layer: AdapterLayer, factors: LoraFactors, spec, gradients: 
     for name, layout in factors.layouts().items():
         param = getattr(factors, name)
         value = param.grad if gradients else param
-        value = torch.zeros_like(param) if value is None else value
+        value = factors.held(name, torch.zeros_like(param) if value is None else value)
         full = _gather(value, layout, layer.shard.tp_group)
         slot = factors.slot
         for hf, tensor in split_fused(slot.fused, full, slot.hf_names, spec, shared=name == "lora_A").items():
@@ -121,10 +121,12 @@ def _adapter_state_dict(model: nn.Module, adapter_name: str, gradients: bool) ->
     experts: dict = {}
     for _, layer in adapter_layers(model):
         for factors in layer.factors_of(adapter_name).values():
+            if factors.vacant:  # a hotswapped adapter that does not target this slot
+                continue
             if isinstance(layer, ExpertLoraLinear):
                 for role in ("lora_A", "lora_B"):
                     value = getattr(factors, role).grad if gradients else getattr(factors, role)
-                    value = torch.zeros_like(getattr(factors, role)) if value is None else value
+                    value = factors.held(role, torch.zeros_like(getattr(factors, role)) if value is None else value)
                     full = _gather(value, factors.layouts()[role], layer.shard.tp_group).clone()
                     experts.setdefault((factors.slot.hf_names[0], role), {})[layer.expert] = full
                 continue
@@ -196,6 +198,8 @@ def set_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ada
         with torch.no_grad(), gathered(adapter_parameters(model), modify=True):
             for _, layer in adapter_layers(model):
                 for factors in layer.factors_of(adapter_name).values():
+                    if factors.vacant:
+                        continue
                     if isinstance(layer, ExpertLoraLinear):
                         used.update(_load_expert(layer, factors, state, config.target_parameters or [], spec))
                         continue

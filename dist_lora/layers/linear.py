@@ -108,7 +108,7 @@ class LoraLinear(AdapterLayer):
                 inputs = [split_last_dim(x, group) for x in inputs]
             partial = torch.cat([F.linear(x, f.lora_A) for x, f in zip(inputs, all_factors)], dim=-1)
             full = reduce_scatter_first_dim(partial, group) if shard.sequence_parallel else reduce_from_group(partial, group)
-        return list(full.split([f.r for f in all_factors], dim=-1))
+        return list(full.split([f.capacity for f in all_factors], dim=-1))  # capacity >= r (hotswap padding)
 
     def _replicated(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         """Row-layer replicated tensors whose gradient is a sum over sequence shards under SP."""
