@@ -83,9 +83,14 @@ def build_gpt(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dtype, dispa
     Mixture-of-experts families get Megatron's ``MoELayer`` with ``dispatcher`` routing tokens."""
     config = transformer_config(spec, groups, dtype, dispatcher)
     experts = spec.experts.num_experts if spec.experts is not None else None
-    layer = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, normalization="RMSNorm")
+    layer = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False, normalization="RMSNorm",
+                                     qk_layernorm=spec.family.qk_norm)
     layer.submodules.input_layernorm = TorchNorm
     layer.submodules.pre_mlp_layernorm = TorchNorm
+    if spec.family.qk_norm:  # applied per head over head_dim: [s, b, heads/p, head_dim]
+        attention = layer.submodules.self_attention.submodules
+        attention.q_layernorm = TorchNorm
+        attention.k_layernorm = TorchNorm
     stage_layers = len(spec.layers_of_stage(groups.pp_rank, groups.pp_size))
     block = TransformerBlockSubmodules(layer_specs=[layer] * stage_layers, layer_norm=TorchNorm)
     # Tied embeddings on a PP > 1 last stage are synchronised at construction via ``.cuda()``.

@@ -27,7 +27,7 @@ from typing import Any
 class ExpertKeys:
     """Where a family's config keeps its expert settings."""
 
-    count: str  # number of routed experts
+    count: tuple[str, ...]  # number of routed experts: the first of these keys that config.json has
     ffn: str  # one expert's FFN (intermediate) size
     normalise: str | None = None  # key that switches top-k renormalisation on; None: always on
 
@@ -68,12 +68,13 @@ class ExpertSpec:
 
 def expert_spec(config: dict[str, Any], keys: ExpertKeys) -> ExpertSpec:
     """The experts of an HF ``config.json`` dict; a clear error for what dist_lora cannot build."""
-    missing = [k for k in (keys.count, keys.ffn, "num_experts_per_tok") if k not in config]
+    count = next((k for k in keys.count if k in config), None)
+    missing = [k for k in (keys.ffn, "num_experts_per_tok") if k not in config] + ([] if count else [keys.count[0]])
     if missing:
         raise ValueError(f"config.json lacks required mixture-of-experts keys: {', '.join(missing)}")
-    experts, top_k = int(config[keys.count]), int(config["num_experts_per_tok"])
+    experts, top_k = int(config[count]), int(config["num_experts_per_tok"])
     if experts < 1 or not 1 <= top_k <= experts:
-        raise ValueError(f"num_experts_per_tok={top_k} must lie in [1, {keys.count}={experts}]")
+        raise ValueError(f"num_experts_per_tok={top_k} must lie in [1, {count}={experts}]")
     if float(config.get("router_jitter_noise") or 0.0) > 0:
         raise ValueError(
             f"router_jitter_noise={config['router_jitter_noise']} is not supported: the random jitter of the "

@@ -66,6 +66,8 @@ class Family:
     sliding_window_switch: str | None = None  # config key that turns the window on, if any
     experts: ExpertKeys | None = None  # mixture-of-experts families: where the config keeps the experts
     default_targets: tuple[str, ...] | None = ("q_proj", "v_proj")  # PEFT's target_modules=None for the type
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys over head_dim (Qwen3-MoE)
+    must_be_off: tuple[str, ...] = ()  # config keys whose feature dist_lora does not implement
 
 
 _L = "model.layers.{layer}."
@@ -136,11 +138,36 @@ def _with_experts(decoder: tuple[WeightEntry, ...], moe: tuple[WeightEntry, ...]
     return tuple(out)
 
 
+# Per-head q / k RMSNorm over head_dim (Megatron's q_layernorm / k_layernorm), replicated over TP.
+_QK_NORM = (
+    WeightEntry(_M + "self_attention.q_layernorm.weight", (_L + "self_attn.q_norm.weight",), "replicated"),
+    WeightEntry(_M + "self_attention.k_layernorm.weight", (_L + "self_attn.k_norm.weight",), "replicated"),
+)
+
+
+def _with_qk_norm(decoder: tuple[WeightEntry, ...]) -> tuple[WeightEntry, ...]:
+    """``decoder`` with the q / k norms after the attention's output projection."""
+    out: list[WeightEntry] = []
+    for entry in decoder:
+        out.append(entry)
+        if entry.megatron.endswith("self_attention.linear_proj.weight"):
+            out += _QK_NORM
+    return tuple(out)
+
+
 MIXTRAL = Family("mixtral", ("mixtral",), _with_experts(_DECODER, _moe_mlp("block_sparse_moe", "w1", "w3", "w2")),
                  sliding_window_key="sliding_window",
-                 experts=ExpertKeys(count="num_local_experts", ffn="intermediate_size"))
+                 experts=ExpertKeys(count=("num_local_experts",), ffn="intermediate_size"))
+# Qwen3-MoE: Qwen3's attention (q / k norms, no q/k/v bias, head_dim its own key) and routed
+# experts whose top-k weights are renormalised only with norm_topk_prob; PEFT has no default
+# target_modules for it.
+QWEN3_MOE = Family("qwen3_moe", ("qwen3_moe",),
+                   _with_experts(_with_qk_norm(_DECODER), _moe_mlp("mlp", "gate_proj", "up_proj", "down_proj")),
+                   experts=ExpertKeys(count=("num_experts", "num_local_experts"), ffn="moe_intermediate_size",
+                                      normalise="norm_topk_prob"),
+                   default_targets=None, qk_norm=True, must_be_off=("use_sliding_window",))
 
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, MIXTRAL)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, MIXTRAL, QWEN3_MOE)
 
 
 def family_for(model_type: str | None) -> Family:

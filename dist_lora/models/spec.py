@@ -113,6 +113,9 @@ def spec_from_config(config: dict[str, Any]) -> ModelSpec:
         raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported (only silu)")
     if config.get("mlp_bias"):
         raise ValueError("mlp_bias=True is not supported")
+    for key in family.must_be_off:
+        if config.get(key):
+            raise ValueError(f"{key}={config[key]!r} is not supported for {family.name}; set {key}=false")
     qkv_bias = family.qkv_bias
     if config.get("attention_bias"):
         raise ValueError(

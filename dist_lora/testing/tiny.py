@@ -27,6 +27,13 @@ TINY_CONFIGS: dict[str, dict] = {
                     intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                     num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128, rms_norm_eps=1e-5,
                     rope_theta=10000.0, tie_word_embeddings=False, router_aux_loss_coef=0.02),
+    # Qwen3-MoE: q / k norms, an explicit head_dim (32, not hidden / heads = 16), top-k weights not
+    # renormalised (norm_topk_prob=False: the other routing of the two families).
+    "qwen3_moe": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=96, hidden_size=64,
+                      intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+                      max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+                      router_aux_loss_coef=0.001),
 }
 
 

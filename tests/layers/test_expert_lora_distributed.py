@@ -20,6 +20,7 @@ import torch
 import dist_lora as dl
 from dist_lora import models
 from dist_lora.adapters.registry import existing
+from dist_lora.checkpoint.offline_reshard import reshard_checkpoint
 from dist_lora.models.training import clip_grad_norm, finalize_grads, forward_backward, use_megatron_ddp
 from dist_lora.parallel.collectives import RankError, all_gather_object, barrier
 from dist_lora.testing import check, distributed_tests
@@ -35,6 +36,8 @@ SCENARIOS = {
     "mixtral_rslora_gate_up_only": ("mixtral", dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["v_proj"],
                                                     target_parameters=["mlp.experts.gate_up_proj"],
                                                     alpha_pattern={"model.layers.0.mlp.experts.gate_up_proj": 2})),
+    "qwen3_moe": ("qwen3_moe", dict(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "down_proj"],
+                                    target_parameters=EXPERTS, rank_pattern={"mlp.experts.gate_up_proj": 3})),
 }
 
 
@@ -233,15 +236,20 @@ def sharded_checkpoints_reshard_across_ep_etp_tp_pp(ctx):
     a training checkpoint taken after one step there resumes here and lands on PEFT's step 3."""
     ref = _ref(ctx, "mixtral")
     adapter, training = Path(ctx.tmp) / "sharded_ep2_etp2", Path(ctx.tmp) / "training_ep2_etp2"
+    offline = Path(ctx.tmp) / "sharded_offline_tp2"
     if ctx.layout.name == "tp1-ep2-etp2":
         model = _model(ctx, "mixtral", ref["state"])
         dl.save_adapter(model, adapter)
         optimizer = _train(ctx, model, ref, 1)
         dl.save_training_state(model, optimizer, training, step=1)
+        if ctx.groups.rank == 0:  # dist-lora convert: the experts are written whole (ETP = 1)
+            reshard_checkpoint(adapter, offline, tp=2, pp=1)
+        barrier()
         return
-    model = models.from_pretrained(ctx.data["mixtral"])
-    dl.load_adapter(model, adapter)
-    _assert_close(dl.adapter_state_dict(model), ref["state"], "resharded adapter", tol=0.0)
+    for source in (adapter, offline):
+        model = models.from_pretrained(ctx.data["mixtral"])
+        dl.load_adapter(model, source)
+        _assert_close(dl.adapter_state_dict(model), ref["state"], f"resharded adapter from {source.name}", tol=0.0)
     model = models.from_pretrained(ctx.data["mixtral"])
     dl.load_adapter(model, training)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01,

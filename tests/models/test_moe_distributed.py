@@ -1,6 +1,7 @@
 """Mixture-of-experts models built from HF checkpoints against transformers' own forward, on 4 ranks.
 
-At world size 4: ``tp1-ep2`` is DP4 with two experts per expert-parallel rank (expert-data-parallel
+Mixtral (top-k weights renormalised) and Qwen3-MoE (q / k norms, its own head_dim, top-k weights
+not renormalised). At world size 4: ``tp1-ep2`` is DP4 with two experts per expert-parallel rank (expert-data-parallel
 2), ``tp1-ep2-etp2`` splits each expert over two ranks, ``tp2-ep2-sp`` is TP2 + SP x DP2 with the
 experts spread over each TP pair, ``tp1-pp2`` and ``tp1-pp2-ep2`` put the two layers on two
 stages. The reference batch reaches every expert of every layer (checked when it is made).
@@ -20,7 +21,7 @@ from dist_lora.parallel.collectives import RankError, all_gather_object, barrier
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.tiny import TINY_CONFIGS, experts_reached, hf_model, save_tiny
 
-FAMILIES = ("mixtral",)
+FAMILIES = ("mixtral", "qwen3_moe")
 LAYOUTS = ("tp1-ep2-etp2", "tp1-ep2", "tp2-ep2-sp", "tp1-pp2", "tp1-pp2-ep2")
 
 
@@ -77,12 +78,13 @@ def each_rank_reads_only_its_experts(ctx):
 @check("tp1-ep2-etp2", "tp2-ep2-sp", "tp1-pp2-ep2")
 def save_pretrained_round_trip_is_bit_exact(ctx):
     """Written in transformers' default (per-expert) format, whichever format was read."""
-    for source in (ctx.data["mixtral"], ctx.data["mixtral"] + "_fused"):
+    sources = [(name, ctx.data[name] + suffix) for name in FAMILIES for suffix in ("", "_fused")]
+    for name, source in sources:
         model = models.from_pretrained(source)
         out = ctx.tmp / f"saved_{Path(source).name}_{ctx.layout.name}"
         models.save_pretrained(model, out, max_shard_size=60_000)
         if ctx.groups.rank == 0:
-            original = load_file(Path(ctx.data["mixtral"]) / "model.safetensors")
+            original = load_file(Path(ctx.data[name]) / "model.safetensors")
             index = json.loads((out / "model.safetensors.index.json").read_text())
             saved = {}
             for file in sorted(set(index["weight_map"].values())):

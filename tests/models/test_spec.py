@@ -55,3 +55,41 @@ def test_padded_vocab_and_features():
     assert qwen.features == {"tied", "qkv_bias"}
     mistral = spec_from_config(TINY_CONFIGS["mistral"])
     assert mistral.sliding_window == 5
+
+
+def _moe(family="mixtral", **change):
+    return {**TINY_CONFIGS[family], **change}
+
+
+@pytest.mark.parametrize("family,change,needle", [
+    ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1 is not supported"),
+    ("mixtral", {"num_experts_per_tok": 5}, "num_experts_per_tok=5 must lie in [1, num_local_experts=4]"),
+    ("qwen3_moe", {"mlp_only_layers": [1]}, "dense MLP layers between the mixture-of-experts layers"),
+    ("qwen3_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
+    ("qwen3_moe", {"use_sliding_window": True}, "use_sliding_window=True is not supported for qwen3_moe"),
+])
+def test_unsupported_moe_configs_are_named(family, change, needle):
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        spec_from_config(_moe(family, **change))
+
+
+def test_moe_routing_follows_each_family():
+    mixtral = spec_from_config(_moe("mixtral")).experts
+    assert (mixtral.num_experts, mixtral.top_k, mixtral.ffn_hidden_size, mixtral.renormalise) == (4, 2, 48, True)
+    qwen = spec_from_config(_moe("qwen3_moe")).experts  # moe_intermediate_size, not intermediate_size
+    assert (qwen.num_experts, qwen.ffn_hidden_size, qwen.renormalise) == (4, 48, False)
+    assert spec_from_config(_moe("qwen3_moe", norm_topk_prob=True)).experts.renormalise
+    # transformers writes Qwen3-MoE's expert count as num_local_experts; the Hub's configs say num_experts
+    hub = {k: v for k, v in _moe("qwen3_moe", num_experts=8).items() if k != "num_local_experts"}
+    assert spec_from_config(hub).experts.num_experts == 8
+    assert not mixtral.aux_loss and spec_from_config(_moe(output_router_logits=True)).experts.aux_loss
+
+
+@pytest.mark.parametrize("ep,etp,tp,sp,needle", [
+    (3, 1, 1, False, "expert_parallel=3 does not divide the number of experts (4)"),
+    (1, 5, 1, False, "expert_tensor_parallel=5 does not divide the expert FFN size (48)"),
+    (2, 1, 2, False, "needs sequence_parallel=True"),
+])
+def test_expert_layout_errors(ep, etp, tp, sp, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        spec_from_config(_moe()).experts.check_layout(ep, etp, tp, sp)
