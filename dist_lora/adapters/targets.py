@@ -64,7 +64,7 @@ def _excluded(config: LoraConfig, name: str) -> bool:
 
 def leaf_names(model: nn.Module) -> list[str]:
     """Short names of the modules that could be targeted (for error messages)."""
-    return sorted({n.rsplit(".", 1)[-1] for c in view(model).candidates() for n in c.names})
+    return sorted({n.rsplit(".", 1)[-1] for c in view(model).candidates() if c.kind != "expert" for n in c.names})
 
 
 def _param_matches(targets: list[str], name: str) -> bool:
