@@ -61,5 +61,5 @@ class RouterStatistics:
             raise RuntimeError("no mixture-of-experts router ran in this forward pass")
         counts = all_reduce_(torch.stack(self.counts).sum(dim=0), self.tp_group)
         probs = reduce_from_group(torch.stack(self.probs).sum(dim=0), self.tp_group)
-        pairs = all_reduce_(torch.tensor(float(self.tokens)), self.tp_group)
+        pairs = all_reduce_(counts.new_tensor(float(self.tokens)), self.tp_group)
         return self.num_experts * torch.sum((counts / pairs) * (probs / pairs))

@@ -7,7 +7,8 @@ gradient, the adapter after 3 AdamW steps, and the merged model's logits. Each w
 PEFT's adapter onto its layout and must reproduce all of it. At world size 4: ``tp1-ep2-etp2``
 (every expert split over two ranks, no expert replicas), ``tp1-ep2`` (DP4, two replicas of each
 expert), ``tp2-ep2-sp`` (TP2 + SP x DP2), ``tp1-pp2`` (PP2 x DP2, all experts on every rank of a
-stage). Data-parallel ranks take their share of the batch; the batch reaches every expert.
+stage), and for the main check ``tp1-pp2-ep2``. Data-parallel ranks take their share of the batch;
+the batch reaches every expert.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def _train(ctx, model, ref, steps, ddp=False):
     return optimizer
 
 
-@check(*LAYOUTS)
+@check(*LAYOUTS, "tp1-pp2-ep2")
 def logits_loss_every_gradient_and_adamw_steps_match_peft(ctx):
     for name in SCENARIOS:
         ref = _ref(ctx, name)
