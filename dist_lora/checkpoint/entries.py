@@ -5,8 +5,9 @@ Keys are ``<global module name>.<slot>.<role>`` (e.g.
 ``<module>.base_bias``; the global module name uses the *global* layer index (and a routed
 expert's, the *global* expert index: ``decoder.layers.3.mlp.experts.5.linear_fc1``), so a key
 means the same tensor at any TP / PP / EP layout. A routed expert's tensors are split over its
-expert-tensor-parallel group (``parallel="etp"``), the others over TP. ``describe`` carries what is needed to export the tensor
-to PEFT's names without a model: HF module names, fused layout, embedding or not.
+expert-tensor-parallel group (``parallel="etp"``), the others over TP. ``describe`` carries what
+is needed to export the tensor to PEFT's names without a model: HF module names, fused layout,
+embedding, expert or plain.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Keys are layout-independent, so a key's pipeline stage follows from its global l
 (``decoder.layers.<g>.``), the word embedding (first stage) or the output layer (last stage),
 and its TP shards from the manifest's split dim and stride. Each new shard is read with
 ``ShardReader.local_shard`` (only the overlapping saved slices) and the result appears
-atomically. A routed expert's tensors are written whole (ETP = 1) into TP rank 0's file of
-their stage; loading them re-lays them for any EP / ETP.
+atomically. A routed expert's tensors are written whole (ETP = 1, the layout's default) into TP
+rank 0's file of their stage; loading them re-lays them for any EP / ETP.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def reshard_checkpoint(src: str | Path, dst: str | Path, tp: int, pp: int, overw
                     save_file(shard, str(tmp / file), metadata={"format": "pt"})
                     files[file] = {"sha256": sha256_of(tmp / file)}
         # RNG states belong to the saved layout; a re-laid checkpoint does not carry them.
-        out = {**manifest, "layout": {"tp": tp, "pp": pp, "ep": 1, "etp": 1}, "files": dict(sorted(files.items())),
+        out = {**manifest, "layout": {"tp": tp, "pp": pp}, "files": dict(sorted(files.items())),
                "tensors": dict(sorted(tensors.items()))}
         if "training" in out:
             out["training"] = {**out["training"], "world_size": None}

@@ -126,7 +126,8 @@ def _write_manifest(tmp: Path, parts, config: LoraConfig, adapter_name: str, lay
             entry = tensors.setdefault(key, {**meta, "files": {}})
             entry["files"][file] = part
     manifest = {"format": FORMAT, "adapter_name": adapter_name, "adapter_config": config.to_dict(),
-                "layout": {"tp": lay["tp"], "pp": lay["pp"], "ep": lay["ep"], "etp": lay["etp"]},
+                "layout": {"tp": lay["tp"], "pp": lay["pp"],
+                           **({"ep": lay["ep"], "etp": lay["etp"]} if lay["ep"] * lay["etp"] > 1 else {})},
                 "model_config": lay["model_config"],
                 "files": dict(sorted(files.items())), "tensors": dict(sorted(tensors.items())), **extra}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
