@@ -118,6 +118,17 @@ def write_sharded(model, path: str | Path, adapter_name: str, mine: list[Entry],
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _layout(lay: dict) -> dict:
+    """The manifest's layout: TP and PP sizes, the layers of each stage when PP > 1 and the
+    expert EP / ETP sizes of a mixture-of-experts model (informational: loading places tensors by their global layer index, on any layout)."""
+    out = {"tp": lay["tp"], "pp": lay["pp"]}
+    if lay["pp"] > 1:
+        out["stage_layers"] = lay["stage_layers"]
+    if lay["ep"] * lay["etp"] > 1:  # the expert layout, only where there is one (dense manifests as before)
+        out.update(ep=lay["ep"], etp=lay["etp"])
+    return out
+
+
 def _write_manifest(tmp: Path, parts, config: LoraConfig, adapter_name: str, lay: dict, extra: dict) -> None:
     tensors, files = {}, {}
     for file, digests, described in parts:
@@ -126,9 +137,7 @@ def _write_manifest(tmp: Path, parts, config: LoraConfig, adapter_name: str, lay
             entry = tensors.setdefault(key, {**meta, "files": {}})
             entry["files"][file] = part
     manifest = {"format": FORMAT, "adapter_name": adapter_name, "adapter_config": config.to_dict(),
-                "layout": {"tp": lay["tp"], "pp": lay["pp"],
-                           **({"ep": lay["ep"], "etp": lay["etp"]} if lay["ep"] * lay["etp"] > 1 else {})},
-                "model_config": lay["model_config"],
+                "layout": _layout(lay), "model_config": lay["model_config"],
                 "files": dict(sorted(files.items())), "tensors": dict(sorted(tensors.items())), **extra}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 

@@ -41,6 +41,7 @@ class LoraFactors(nn.Module):
         self.a_layout = shard.a_layout
         a_in = self.a_layout.local(torch.empty(0, shard.in_features, device="meta"), shard.tp, shard.rank).shape[1]
         b_rows = slot.b_layout.local(torch.empty(slot.out_features, 0, device="meta"), shard.tp, shard.rank).shape[0]
+        self._capacity = r  # kept, not read off lora_A: ZeRO-3 partitions parameters to shape (0,)
         self.lora_A = nn.Parameter(torch.zeros(r, a_in, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(b_rows, r, dtype=dtype))
         self.lora_bias = nn.Parameter(torch.zeros(b_rows, dtype=dtype)) if lora_bias else None
@@ -87,7 +88,7 @@ class LoraFactors(nn.Module):
     @property
     def capacity(self) -> int:
         """Rank of the tensors: ``r``, or the rank they were padded to for hotswapping."""
-        return self.lora_A.shape[0]
+        return self._capacity
 
     @property
     def vacant(self) -> bool:
@@ -120,6 +121,7 @@ class LoraFactors(nn.Module):
             param = nn.Parameter(new, requires_grad=old.requires_grad)
             param.__dict__.update(old.__dict__)  # flags other code set on the parameter
             setattr(self, name, param)
+        self._capacity = capacity
 
     def scaling_as_tensor(self) -> None:
         """Hold ``scaling`` as a 0-dim (non-persistent) buffer in the factors' dtype, so changing it

@@ -15,7 +15,9 @@ turns the HF tensor(s) into this rank's shard. Layouts (see :mod:`dist_lora.mode
 ``when`` names a feature of the checkpoint that must be present for the entry to apply:
 ``qkv_bias`` (Qwen2), ``untied`` (a separate ``lm_head``) or ``tied`` (the output layer reads
 the embedding). An entry applies on a rank only where the Megatron parameter exists (its PP
-stage). A new family is a new table.
+stage). A new family is a new table (composed of the pieces below where they fit) and, where
+its layers differ from Megatron's local GPT layer, a layer-spec function named by
+``Family.layer_spec``.
 
 Mixture-of-experts families name each routed expert's parameters with ``{expert}``, the
 *global* expert index; they are sharded by the layout over the expert-tensor-parallel group (not
@@ -29,7 +31,7 @@ The fused names are also the ones PEFT's ``target_parameters`` and adapter keys 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dist_lora.models.experts import ExpertKeys
 
@@ -56,26 +58,44 @@ class WeightEntry:
 
 @dataclass(frozen=True)
 class Family:
-    """A model family: which HF configs it accepts and how its weights map."""
+    """A model family: which HF configs it accepts, how its weights map, how it is built.
+
+    ``layer_spec`` names the Megatron layer-spec function in ``models/build.py``'s ``LAYER_SPECS``
+    table; the other fields are read by ``models/spec.py`` (config keys and defaults) and by the
+    layer-spec functions (architecture switches).
+    """
 
     name: str
     model_types: tuple[str, ...]
-    weights: tuple[WeightEntry, ...]
+    weights: tuple[WeightEntry, ...] = field(repr=False)
+    layer_spec: str = "decoder"  # key of models/build.py LAYER_SPECS
     qkv_bias: bool = False  # q/k/v projections always carry a bias (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of queries and keys over head_dim (Qwen3, Gemma 3)
+    zero_centered_norms: bool = False  # RMSNorm scales by (1 + weight) (Gemma)
     sliding_window_key: str | None = None  # config key of a sliding attention window, if any
     sliding_window_switch: str | None = None  # config key that turns the window on, if any
+    # which layers the window applies to when config.json has no ``layer_types``:
+    # "all" | "from_max_window_layers" (Qwen) | "every_nth_full" (Gemma 3's sliding_window_pattern)
+    window_layers: str = "all"
+    local_rope_key: str | None = None  # config key of the sliding layers' own RoPE base (Gemma 3)
+    local_rope_default: float = 10000.0
+    rope_theta_default: float = 10000.0
+    activation_key: str = "hidden_act"
+    activation_default: str = "silu"
+    tied_default: bool = False  # tie_word_embeddings when config.json leaves it out
+    query_pre_attn_scalar_default: float | None = None  # attention scale 1/sqrt(this) (Gemma 3)
     experts: ExpertKeys | None = None  # mixture-of-experts families: where the config keeps the experts
     default_targets: tuple[str, ...] | None = ("q_proj", "v_proj")  # PEFT's target_modules=None for the type
-    qk_norm: bool = False  # per-head RMSNorm of queries and keys over head_dim (Qwen3-MoE)
     must_be_off: tuple[str, ...] = ()  # config keys whose feature dist_lora does not implement
 
 
 _L = "model.layers.{layer}."
 _M = "decoder.layers.{layer}."
 
-_DECODER = (
-    WeightEntry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
-    WeightEntry(_M + "input_layernorm.weight", (_L + "input_layernorm.weight",), "replicated"),
+# Pieces a family's table is composed of (a mixture-of-experts family reuses all but DENSE_MLP).
+
+EMBEDDING = (WeightEntry("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),)
+ATTENTION = (
     WeightEntry(
         _M + "self_attention.linear_qkv.weight",
         (_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"),
@@ -88,26 +108,68 @@ _DECODER = (
         when="qkv_bias",
     ),
     WeightEntry(_M + "self_attention.linear_proj.weight", (_L + "self_attn.o_proj.weight",), "row"),
-    WeightEntry(_M + "pre_mlp_layernorm.weight", (_L + "post_attention_layernorm.weight",), "replicated"),
+)
+# Per-head q / k RMSNorm over head_dim (Megatron's q_layernorm / k_layernorm), replicated over TP.
+QK_NORM = (
+    WeightEntry(_M + "self_attention.q_layernorm.weight", (_L + "self_attn.q_norm.weight",), "replicated"),
+    WeightEntry(_M + "self_attention.k_layernorm.weight", (_L + "self_attn.k_norm.weight",), "replicated"),
+)
+DENSE_MLP = (
     WeightEntry(
         _M + "mlp.linear_fc1.weight", (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), "glu"
     ),
     WeightEntry(_M + "mlp.linear_fc2.weight", (_L + "mlp.down_proj.weight",), "row"),
+)
+OUTPUT = (
     WeightEntry("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"),
     WeightEntry("output_layer.weight", ("lm_head.weight",), "vocab", when="untied"),
     # Tied embeddings: a last pipeline stage that is not also the first holds its own copy.
     WeightEntry("output_layer.weight", ("model.embed_tokens.weight",), "vocab", when="tied"),
 )
+INPUT_NORM = (WeightEntry(_M + "input_layernorm.weight", (_L + "input_layernorm.weight",), "replicated"),)
+PRE_MLP_NORM = (
+    WeightEntry(_M + "pre_mlp_layernorm.weight", (_L + "post_attention_layernorm.weight",), "replicated"),
+)
+
+# A Llama-style decoder: pre-norm attention and SwiGLU MLP.
+_DECODER = EMBEDDING + INPUT_NORM + ATTENTION + PRE_MLP_NORM + DENSE_MLP + OUTPUT
 
 LLAMA = Family("llama", ("llama",), _DECODER)
 MISTRAL = Family("mistral", ("mistral",), _DECODER, sliding_window_key="sliding_window")
-QWEN2 = Family(
-    "qwen2",
-    ("qwen2",),
-    _DECODER,
-    qkv_bias=True,
+_QWEN_WINDOW = dict(sliding_window_key="sliding_window", sliding_window_switch="use_sliding_window",
+                    window_layers="from_max_window_layers")
+QWEN2 = Family("qwen2", ("qwen2",), _DECODER, qkv_bias=True, **_QWEN_WINDOW)
+# Qwen3 (dense): Qwen2 without q/k/v bias, with q/k norms; head_dim is its own config key.
+QWEN3 = Family("qwen3", ("qwen3",), EMBEDDING + INPUT_NORM + ATTENTION + QK_NORM + PRE_MLP_NORM + DENSE_MLP
+               + OUTPUT, qk_norm=True, **_QWEN_WINDOW)
+# Gemma 3 text: four norms per layer (Gemma's names), q/k norms, (1 + w) RMSNorm, GeGLU,
+# sqrt(hidden)-scaled embeddings, interleaved sliding-window / full layers with two RoPE bases.
+# The post-attention / post-feedforward norms and the embedding scale are dist_lora's own
+# (models/gemma3.py: Builder "gemma3" in models/build.py).
+_GEMMA3_LAYER = (
+    INPUT_NORM + ATTENTION + QK_NORM
+    + (WeightEntry(_M + "self_attention.post_layernorm.weight", (_L + "post_attention_layernorm.weight",),
+                   "replicated"),
+       WeightEntry(_M + "pre_mlp_layernorm.weight", (_L + "pre_feedforward_layernorm.weight",), "replicated"))
+    + DENSE_MLP
+    + (WeightEntry(_M + "mlp.post_layernorm.weight", (_L + "post_feedforward_layernorm.weight",), "replicated"),)
+)
+GEMMA3 = Family(
+    "gemma3",
+    ("gemma3_text",),
+    EMBEDDING + _GEMMA3_LAYER + OUTPUT,
+    layer_spec="gemma3",
+    qk_norm=True,
+    zero_centered_norms=True,
     sliding_window_key="sliding_window",
-    sliding_window_switch="use_sliding_window",
+    window_layers="every_nth_full",
+    local_rope_key="rope_local_base_freq",
+    rope_theta_default=1_000_000.0,
+    activation_key="hidden_activation",
+    activation_default="gelu_pytorch_tanh",
+    tied_default=True,
+    query_pre_attn_scalar_default=256.0,
+    must_be_off=("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"),
 )
 
 _EXPERT = _M + "mlp.experts.local_experts.{expert}."
@@ -127,47 +189,24 @@ def _moe_mlp(block: str, gate: str, up: str, down: str) -> tuple[WeightEntry, ..
     )
 
 
-def _with_experts(decoder: tuple[WeightEntry, ...], moe: tuple[WeightEntry, ...]) -> tuple[WeightEntry, ...]:
-    """``decoder`` with its dense MLP replaced by the router and the routed experts, in place."""
-    out: list[WeightEntry] = []
-    for entry in decoder:
-        if entry.megatron.endswith("mlp.linear_fc1.weight"):
-            out += moe
-        elif not entry.megatron.endswith("mlp.linear_fc2.weight"):
-            out.append(entry)
-    return tuple(out)
+# A mixture-of-experts decoder: the dense MLP replaced by the router and the routed experts.
+def _moe_decoder(attention: tuple[WeightEntry, ...], moe: tuple[WeightEntry, ...]) -> tuple[WeightEntry, ...]:
+    return EMBEDDING + INPUT_NORM + attention + PRE_MLP_NORM + moe + OUTPUT
 
 
-# Per-head q / k RMSNorm over head_dim (Megatron's q_layernorm / k_layernorm), replicated over TP.
-_QK_NORM = (
-    WeightEntry(_M + "self_attention.q_layernorm.weight", (_L + "self_attn.q_norm.weight",), "replicated"),
-    WeightEntry(_M + "self_attention.k_layernorm.weight", (_L + "self_attn.k_norm.weight",), "replicated"),
-)
-
-
-def _with_qk_norm(decoder: tuple[WeightEntry, ...]) -> tuple[WeightEntry, ...]:
-    """``decoder`` with the q / k norms after the attention's output projection."""
-    out: list[WeightEntry] = []
-    for entry in decoder:
-        out.append(entry)
-        if entry.megatron.endswith("self_attention.linear_proj.weight"):
-            out += _QK_NORM
-    return tuple(out)
-
-
-MIXTRAL = Family("mixtral", ("mixtral",), _with_experts(_DECODER, _moe_mlp("block_sparse_moe", "w1", "w3", "w2")),
-                 sliding_window_key="sliding_window",
+MIXTRAL = Family("mixtral", ("mixtral",), _moe_decoder(ATTENTION, _moe_mlp("block_sparse_moe", "w1", "w3", "w2")),
+                 layer_spec="moe", sliding_window_key="sliding_window",
                  experts=ExpertKeys(count=("num_local_experts",), ffn="intermediate_size"))
 # Qwen3-MoE: Qwen3's attention (q / k norms, no q/k/v bias, head_dim its own key) and routed
 # experts whose top-k weights are renormalised only with norm_topk_prob; PEFT has no default
 # target_modules for it.
 QWEN3_MOE = Family("qwen3_moe", ("qwen3_moe",),
-                   _with_experts(_with_qk_norm(_DECODER), _moe_mlp("mlp", "gate_proj", "up_proj", "down_proj")),
+                   _moe_decoder(ATTENTION + QK_NORM, _moe_mlp("mlp", "gate_proj", "up_proj", "down_proj")),
                    experts=ExpertKeys(count=("num_experts", "num_local_experts"), ffn="moe_intermediate_size",
                                       normalise="norm_topk_prob"),
-                   default_targets=None, qk_norm=True, must_be_off=("use_sliding_window",))
+                   layer_spec="moe", default_targets=None, qk_norm=True, must_be_off=("use_sliding_window",))
 
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, MIXTRAL, QWEN3_MOE)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3, MIXTRAL, QWEN3_MOE)
 
 
 def family_for(model_type: str | None) -> Family:
