@@ -25,7 +25,8 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Shapes and options of one decoder model (Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 layout)."""
+    """Shapes and options of one decoder model (Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 layout, or
+    Mixtral / Qwen3-MoE with routed experts: ``experts``)."""
 
     family: Family
     hf_config: dict = field(repr=False, compare=False)

@@ -215,20 +215,21 @@ def export_loads_in_peft_with_our_logits(ctx):
 def merge_unmerge_and_merged_save_pretrained_match_peft(ctx):
     from transformers import AutoModelForCausalLM
 
-    ref = _ref(ctx, "mixtral")
-    model = _model(ctx, "mixtral", ref["state"])
-    dl.merge_adapter(model)
-    assert rel_error(models.logits(model, ref["ids"]), ref["merged"]) <= TOL
-    dl.unmerge_adapter(model)
-    assert rel_error(models.logits(model, ref["ids"]), ref["logits"]) <= TOL
-    dl.merge_and_unload(model)
-    out = Path(ctx.tmp) / f"merged_{ctx.layout.name}"
-    models.save_pretrained(model, out)
-    if ctx.groups.rank == 0:
-        loaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-        with torch.no_grad():
-            assert rel_error(loaded(ref["ids"]).logits, ref["merged"]) <= TOL
-    barrier()
+    for name in ("mixtral", "qwen3_moe"):
+        ref = _ref(ctx, name)
+        model = _model(ctx, name, ref["state"])
+        dl.merge_adapter(model)
+        assert rel_error(models.logits(model, ref["ids"]), ref["merged"]) <= TOL, name
+        dl.unmerge_adapter(model)
+        assert rel_error(models.logits(model, ref["ids"]), ref["logits"]) <= TOL, name
+        dl.merge_and_unload(model)
+        out = Path(ctx.tmp) / f"merged_{name}_{ctx.layout.name}"
+        models.save_pretrained(model, out)
+        if ctx.groups.rank == 0:
+            loaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+            with torch.no_grad():
+                assert rel_error(loaded(ref["ids"]).logits, ref["merged"]) <= TOL, name
+        barrier()
 
 
 @check("tp1-ep2-etp2", "tp2-ep2-sp", "tp1-pp2")
