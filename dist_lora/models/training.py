@@ -24,7 +24,7 @@ from dist_lora.integrations.megatron import (
 )
 from dist_lora.integrations.megatron_cpu import cpu_device_mode
 from dist_lora.models.loading import model_info
-from dist_lora.models.router_loss import RouterStatistics
+from dist_lora.models.router_loss import MicroBatchRouting, RouterLossGradients, RouterStatistics
 from dist_lora.parallel.collectives import all_reduce_, broadcast_, reduce_from_group
 
 IGNORE_INDEX = -100
@@ -72,10 +72,6 @@ def _aux_coefficient(spec, groups, router_aux_loss: bool | None) -> float | None
         return None
     if experts is None:
         raise ValueError(f"router_aux_loss=True needs a mixture-of-experts model; {spec.family.name} has no router")
-    if groups.pp_size > 1:
-        raise ValueError("router_aux_loss is not supported with pipeline_parallel > 1: the family's loss pools the "
-                         "routing statistics of every layer, which live on different stages; use "
-                         "pipeline_parallel=1 or train without it (router_aux_loss=False)")
     return experts.aux_loss_coef
 
 
@@ -88,6 +84,37 @@ def _micro_batch_loss(model, ids, positions, mask, labels, spec, groups,
     with RouterStatistics(model, spec.experts.num_experts, groups.tp_group) as routing:
         out = model(ids, positions, attention_mask=mask)
     return _summed_loss(out, labels, spec, groups), coefficient * routing.loss()
+
+
+def _pipeline(model, micro: list, spec, groups, scale: float, seq: int, forward_only: bool,
+              routing=None) -> list[torch.Tensor]:
+    """Megatron's pipeline schedule over the micro-batches ``micro``; the summed token loss of
+    each (on the last stage; empty elsewhere). ``routing.micro`` is set to each micro-batch's
+    index before its forward."""
+    batches = iter(enumerate(micro))
+    sums = []
+
+    def forward_step(_iterator, chunk):
+        index, (ids, lab, pos, mask) = next(batches)
+        if routing is not None:
+            routing.micro = index
+        out = chunk(ids, pos, attention_mask=mask)
+
+        def loss_func(output):
+            summed = _summed_loss(output, lab, spec, groups)
+            sums.append(summed.detach().clone())
+            # Megatron's schedule divides a (loss, dict) result by num_microbatches: undo it
+            return summed * (scale * len(micro)), {"loss": summed.detach()}
+
+        return out, loss_func
+
+    batch = sum(ids.shape[0] for ids, *_ in micro)
+    with cpu_device_mode():
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([None] * len(micro)), model=[model],
+            num_microbatches=len(micro), seq_length=seq, micro_batch_size=batch // len(micro),
+            forward_only=forward_only)
+    return sums
 
 
 def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_microbatches: int = 1,
@@ -114,7 +141,8 @@ def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_m
     ``None`` follows the model's ``config.json`` (``output_router_logits``). That loss is not a
     token mean: each micro-batch's is the one a single device computes on that micro-batch, and
     the step's is their mean over micro-batches and data-parallel ranks (what averaging the
-    replicas' ``loss + coef * aux`` gives). Not with pipeline parallelism.
+    replicas' ``loss + coef * aux`` gives). With pipeline parallelism it costs one extra
+    forward-only pass per step (:mod:`dist_lora.models.router_loss`).
     """
     info = model_info(model)
     groups, spec = info.groups, info.spec
@@ -143,26 +171,19 @@ def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_m
             total += summed.detach()
             aux_total += aux.detach()
     else:
-        batches = iter(micro)
-        sums = []
-
-        def forward_step(_iterator, chunk):
-            ids, lab, pos, mask = next(batches)
-            out = chunk(ids, pos, attention_mask=mask)
-
-            def loss_func(output):
-                summed = _summed_loss(output, lab, spec, groups)
-                sums.append(summed.detach().clone())
-                # Megatron's schedule divides a (loss, dict) result by num_microbatches: undo it
-                return summed * (scale * num_microbatches), {"loss": summed.detach()}
-
-            return out, loss_func
-
-        with cpu_device_mode():
-            get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter([None] * num_microbatches), model=[model],
-                num_microbatches=num_microbatches, seq_length=seq, micro_batch_size=batch // num_microbatches,
-                forward_only=forward_only)
+        routing = None
+        if coefficient is not None:  # a forward-only pass first: every layer's routing counts
+            routing = MicroBatchRouting(model, spec.experts.num_experts, num_microbatches)
+            with routing:
+                sums = _pipeline(model, micro, spec, groups, scale, seq, True, routing)
+            aux, grads = routing.losses(groups.tp_group, groups.pp_group)
+            aux_total = coefficient * aux.sum() / num_microbatches
+        if routing is None or not forward_only:
+            if routing is None:
+                sums = _pipeline(model, micro, spec, groups, scale, seq, forward_only)
+            else:
+                with RouterLossGradients(model, grads, coefficient / num_microbatches) as attached:
+                    sums = _pipeline(model, micro, spec, groups, scale, seq, False, attached)
         total = torch.stack(sums).sum() if sums else torch.zeros(())
         total = broadcast_(total.clone(), groups.pp_size - 1, groups.pp_group)
     if coefficient is not None:  # the auxiliary term: its mean over the DP replicas
