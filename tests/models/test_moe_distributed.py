@@ -4,7 +4,7 @@ Mixtral (top-k weights renormalised) and Qwen3-MoE (q / k norms, its own head_di
 not renormalised). At world size 4: ``tp1-ep2`` is DP4 with two experts per expert-parallel rank (expert-data-parallel
 2), ``tp1-ep2-etp2`` splits each expert over two ranks, ``tp2-ep2-sp`` is TP2 + SP x DP2 with the
 experts spread over each TP pair, ``tp1-pp2`` and ``tp1-pp2-ep2`` put the two layers on two
-stages. The reference batch reaches every expert of every layer (checked when it is made).
+stages (and a three-layer Qwen3-MoE on uneven ones). The reference batch reaches every expert of every layer (checked when it is made).
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ def prepare(tmp: Path) -> dict:
         with torch.no_grad():
             torch.save({"ids": ids, "logits": model(ids).logits}, tmp / f"{name}_ref.pt")
         data[name] = str(tmp / name)
+    # three layers: uneven pipeline stages ([2, 1] balanced, [1, 2] with first_stage_layers=1)
+    three = {**TINY_CONFIGS["qwen3_moe"], "num_hidden_layers": 3}
+    model = save_tiny(three, tmp / "qwen3_moe_3_layers")
+    ids = torch.load(tmp / "qwen3_moe_ref.pt")["ids"]
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp / "qwen3_moe_3_layers_ref.pt")
+    data["qwen3_moe_3_layers"] = str(tmp / "qwen3_moe_3_layers")
     bad = {"three_experts": {"num_local_experts": 3}, "ffn47": {"intermediate_size": 47}}
     for case, change in bad.items():
         hf_model({**TINY_CONFIGS["mixtral"], **change}).save_pretrained(tmp / case)
@@ -53,6 +60,16 @@ def logits_match_transformers(ctx):
             out = models.logits(models.from_pretrained(path), ref["ids"])
             diff = (out - ref["logits"]).abs().max().item()
             assert diff <= 1e-5, f"{path} on {ctx.groups.layout}: max |diff| {diff:.3e}"
+
+
+@check("tp1-pp2", "tp1-pp2-ep2")
+def uneven_pipeline_stages_match_transformers(ctx):
+    ref = torch.load(Path(ctx.data["qwen3_moe_3_layers"] + "_ref.pt"))
+    for first, stages in ((None, [2, 1]), (1, [1, 2])):
+        model = models.from_pretrained(ctx.data["qwen3_moe_3_layers"], first_stage_layers=first)
+        assert len(model.decoder.layers) == stages[ctx.groups.pp_rank]
+        diff = (models.logits(model, ref["ids"]) - ref["logits"]).abs().max().item()
+        assert diff <= 1e-5, f"stages {stages} on {ctx.groups.layout}: max |diff| {diff:.3e}"
 
 
 @check("tp1-ep2-etp2", "tp2-ep2-sp")
