@@ -13,6 +13,7 @@ the batch reaches every expert.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,9 @@ import dist_lora as dl
 from dist_lora import models
 from dist_lora.adapters.registry import existing
 from dist_lora.checkpoint.offline_reshard import reshard_checkpoint
+from dist_lora.checkpoint.peft_to_sharded import peft_to_sharded
 from dist_lora.models.training import clip_grad_norm, finalize_grads, forward_backward, use_megatron_ddp
-from dist_lora.parallel.collectives import RankError, all_gather_object, barrier
+from dist_lora.parallel.collectives import RankError, all_gather_object, barrier, on_every_rank
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import peft_model, reference_run, rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, experts_reached, hf_model, save_tiny
@@ -235,21 +237,29 @@ def merge_unmerge_and_merged_save_pretrained_match_peft(ctx):
 
 @check("tp1-ep2-etp2", "tp2-ep2-sp", "tp1-pp2")
 def sharded_checkpoints_reshard_across_ep_etp_tp_pp(ctx):
-    """Saved once at EP2 x ETP2 (the first layout to run), loaded bit-exact at the others;
-    a training checkpoint taken after one step there resumes here and lands on PEFT's step 3."""
+    """Saved once at EP2 x ETP2 (the first layout to run), loaded bit-exact at the others, as are
+    its offline re-lay for TP2 and PEFT's files converted offline for TP2; a training checkpoint
+    taken after one step there resumes here and lands on PEFT's step 3."""
     ref = _ref(ctx, "mixtral")
     adapter, training = Path(ctx.tmp) / "sharded_ep2_etp2", Path(ctx.tmp) / "training_ep2_etp2"
     offline = Path(ctx.tmp) / "sharded_offline_tp2"
+    converted = Path(ctx.tmp) / "converted_from_peft_tp2"  # dist-lora convert of PEFT's own files
     if ctx.layout.name == "tp1-ep2-etp2":
         model = _model(ctx, "mixtral", ref["state"])
         dl.save_adapter(model, adapter)
         optimizer = _train(ctx, model, ref, 1)
         dl.save_training_state(model, optimizer, training, step=1)
-        if ctx.groups.rank == 0:  # dist-lora convert: the experts are written whole (ETP = 1)
-            reshard_checkpoint(adapter, offline, tp=2, pp=1)
-        barrier()
+        with on_every_rank("offline conversions"):  # a failure on rank 0 fails every rank (none waits)
+            if ctx.groups.rank == 0:  # dist-lora convert: the experts are written whole (ETP = 1)
+                reshard_checkpoint(adapter, offline, tp=2, pp=1)
+                peft_to_sharded(Path(ctx.tmp) / "peft_mixtral", ctx.data["mixtral"], converted, tp=2, pp=1)
+                saved, made = (json.loads((p / "manifest.json").read_text())["tensors"] for p in (adapter, converted))
+                assert sorted(saved) == sorted(made), sorted(set(saved) ^ set(made))
+                for key, meta in saved.items():  # what save_adapter writes, but for the files
+                    differ = {k: (v, made[key].get(k)) for k, v in meta.items() if k != "files" and v != made[key].get(k)}
+                    assert not differ, (key, differ)
         return
-    for source in (adapter, offline):
+    for source in (adapter, offline, converted):
         model = models.from_pretrained(ctx.data["mixtral"])
         dl.load_adapter(model, source)
         _assert_close(dl.adapter_state_dict(model), ref["state"], f"resharded adapter from {source.name}", tol=0.0)
@@ -330,6 +340,10 @@ def bad_expert_adapters_fail_on_every_rank_and_change_nothing(ctx):
         _fails_everywhere_unchanged(model, ids, lambda: adder(model, config), needle)
     _fails_everywhere_unchanged(model, ids, lambda: dl.import_peft(model, Path(ctx.tmp) / "peft_eight_experts"),
                                 "x 8 experts")
+    eight = Path(ctx.tmp) / f"converted_eight_experts_{ctx.groups.rank}"  # offline: each rank on its own
+    with pytest.raises(ValueError, match="x 8 experts"):
+        peft_to_sharded(Path(ctx.tmp) / "peft_eight_experts", ctx.data["mixtral"], eight)
+    assert not eight.exists()
     with pytest.raises(ValueError, match="lora_dropout=0.1 does not work with target_parameters"):
         dl.LoraConfig(r=2, target_parameters=EXPERTS, lora_dropout=0.1)
 
