@@ -22,6 +22,7 @@ import torch
 import dist_lora as dl
 from dist_lora import models
 from dist_lora.adapters.registry import existing
+from dist_lora.checkpoint.merge_release import merge_release
 from dist_lora.checkpoint.offline_reshard import reshard_checkpoint
 from dist_lora.checkpoint.peft_to_sharded import peft_to_sharded
 from dist_lora.models.training import clip_grad_norm, finalize_grads, forward_backward, use_megatron_ddp
@@ -233,6 +234,20 @@ def merge_unmerge_and_merged_save_pretrained_match_peft(ctx):
             with torch.no_grad():
                 assert rel_error(loaded(ref["ids"]).logits, ref["merged"]) <= TOL, name
         barrier()
+    if ctx.layout.name != "tp1-ep2-etp2":
+        return
+    with on_every_rank("offline merged releases"):  # dist-lora merge, on rank 0 (none waits if it fails)
+        if ctx.groups.rank == 0:
+            for name in ("mixtral", "qwen3_moe"):
+                fused = Path(ctx.tmp) / f"{name}_fused_base"  # transformers' fused [E, ...] expert format
+                hf_model(TINY_CONFIGS[name]).save_pretrained(fused, save_original_format=False)
+                for base in (ctx.data[name], fused):
+                    out = merge_release(base, Path(ctx.tmp) / f"peft_{name}", Path(ctx.tmp) / f"release_{name}",
+                                        overwrite=True, progress=False)
+                    loaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+                    with torch.no_grad():
+                        err = rel_error(loaded(_ref(ctx, name)["ids"]).logits, _ref(ctx, name)["merged"])
+                    assert err <= TOL, (name, str(base), err)
 
 
 @check("tp1-ep2-etp2", "tp2-ep2-sp", "tp1-pp2")
