@@ -204,7 +204,8 @@ QWEN3_MOE = Family("qwen3_moe", ("qwen3_moe",),
                    _moe_decoder(ATTENTION + QK_NORM, _moe_mlp("mlp", "gate_proj", "up_proj", "down_proj")),
                    experts=ExpertKeys(count=("num_experts", "num_local_experts"), ffn="moe_intermediate_size",
                                       normalise="norm_topk_prob"),
-                   layer_spec="moe", default_targets=None, qk_norm=True, must_be_off=("use_sliding_window",))
+                   layer_spec="moe", default_targets=None, qk_norm=True, sliding_window_key="sliding_window",
+                   sliding_window_switch="use_sliding_window")  # the window, when on, on every layer
 
 FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3, MIXTRAL, QWEN3_MOE)
 

@@ -45,6 +45,12 @@ def prepare(tmp: Path) -> dict:
     with torch.no_grad():
         torch.save({"ids": ids, "logits": model(ids).logits}, tmp / "qwen3_moe_3_layers_ref.pt")
     data["qwen3_moe_3_layers"] = str(tmp / "qwen3_moe_3_layers")
+    # a sliding window (4) shorter than the sequence (12), on every layer
+    model = save_tiny({**TINY_CONFIGS["qwen3_moe"], "use_sliding_window": True, "sliding_window": 4},
+                      tmp / "qwen3_moe_window")
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp / "qwen3_moe_window_ref.pt")
+    data["qwen3_moe_window"] = str(tmp / "qwen3_moe_window")
     bad = {"three_experts": {"num_local_experts": 3}, "ffn47": {"intermediate_size": 47}}
     for case, change in bad.items():
         hf_model({**TINY_CONFIGS["mixtral"], **change}).save_pretrained(tmp / case)
@@ -70,6 +76,15 @@ def uneven_pipeline_stages_match_transformers(ctx):
         assert len(model.decoder.layers) == stages[ctx.groups.pp_rank]
         diff = (models.logits(model, ref["ids"]) - ref["logits"]).abs().max().item()
         assert diff <= 1e-5, f"stages {stages} on {ctx.groups.layout}: max |diff| {diff:.3e}"
+
+
+@check("tp2-ep2-sp", "tp1-pp2-ep2")
+def qwen3_moe_sliding_window_matches_transformers(ctx):
+    ref = torch.load(Path(ctx.data["qwen3_moe_window"] + "_ref.pt"))
+    plain = torch.load(Path(ctx.data["qwen3_moe"] + "_ref.pt"))
+    assert (ref["logits"] - plain["logits"]).abs().max().item() > 1e-3, "the window must matter"
+    out = models.logits(models.from_pretrained(ctx.data["qwen3_moe_window"]), ref["ids"])
+    assert (out - ref["logits"]).abs().max().item() <= 1e-5
 
 
 @check("tp1-ep2-etp2", "tp2-ep2-sp")

@@ -66,11 +66,17 @@ def _moe(family="mixtral", **change):
     ("mixtral", {"num_experts_per_tok": 5}, "num_experts_per_tok=5 must lie in [1, num_local_experts=4]"),
     ("qwen3_moe", {"mlp_only_layers": [1]}, "dense MLP layers between the mixture-of-experts layers"),
     ("qwen3_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
-    ("qwen3_moe", {"use_sliding_window": True}, "use_sliding_window=True is not supported by dist_lora's qwen3_moe models"),
 ])
 def test_unsupported_moe_configs_are_named(family, change, needle):
     with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         spec_from_config(_moe(family, **change))
+
+
+def test_qwen3_moe_sliding_window_is_on_every_layer_when_switched_on():
+    """transformers' Qwen3-MoE slides every layer with use_sliding_window (no max_window_layers)."""
+    assert spec_from_config(_moe("qwen3_moe", sliding_window=4)).sliding_window is None
+    spec = spec_from_config(_moe("qwen3_moe", sliding_window=4, use_sliding_window=True))
+    assert spec.sliding_window == 4 and spec.layer_types is None
 
 
 def test_moe_routing_follows_each_family():
