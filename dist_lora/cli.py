@@ -55,13 +55,16 @@ def _inspect(args) -> int:
     params = sum(math.prod(m["shape"]) for m in tensors.values())
     ranks = sorted({m["shape"][0] for m in tensors.values() if m["role"] == "lora_A"})
     print(f"checkpoint   {path}")
-    stages = manifest["layout"].get("stage_layers")
+    layout = manifest["layout"]
+    experts = f" EP={layout['ep']} ETP={layout['etp']}" if layout.get("ep", 1) * layout.get("etp", 1) > 1 else ""
+    stages = layout.get("stage_layers")
     stages = f" (layers per stage: {', '.join(map(str, stages))})" if stages else ""
-    print(f"layout       TP={manifest['layout']['tp']} PP={manifest['layout']['pp']}{stages}, "
-          f"{len(manifest['files'])} shard files")
+    print(f"layout       TP={layout['tp']} PP={layout['pp']}{experts}{stages}, {len(manifest['files'])} shard files")
     print(f"adapter      {manifest['adapter_name']}: r={config['r']} lora_alpha={config['lora_alpha']} "
           f"dora={config['use_dora']} rslora={config['use_rslora']} ranks used={ranks}")
     print(f"target       {config['target_modules']}")
+    if config.get("target_parameters"):
+        print(f"experts      {config['target_parameters']} (target_parameters)")
     model = manifest.get("model_config") or {}
     print(f"base model   {model.get('model_type', '?')} hidden={model.get('hidden_size', '?')} "
           f"layers={model.get('num_hidden_layers', '?')}")

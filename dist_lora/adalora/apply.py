@@ -48,6 +48,9 @@ def plan_adalora(model: nn.Module, config: AdaLoraConfig, adapter_name: str, see
     for c in select(model, config):
         if c.kind == "embedding":
             raise ValueError(f"AdaLoRA does not support embedding layers ({c.hf_name}); leave it out of target_modules")
+        if c.kind == "expert":
+            raise ValueError(f"AdaLoRA on routed experts ({c.hf_name}) is not supported (PEFT's AdaLoRA has no "
+                             f"target_parameters); adapt the experts with LoRA, or leave target_parameters out")
         if c.slot.fused is not None:
             raise ValueError(f"AdaLoRA needs one triplet set per projection: target the Hugging Face names "
                              f"({', '.join(c.slot.hf_names)}) instead of the fused layer {c.names[0]}")

@@ -9,6 +9,11 @@ matched against:
   (``decoder.layers.3.self_attention.linear_qkv``; ``embedding`` also names the word embeddings);
 * on any other model (a Hugging Face model under DeepSpeed), its own module name.
 
+A routed expert's ``linear_fc1`` / ``linear_fc2`` (kind ``expert``) answers to the name of the
+fused parameter PEFT's ``target_parameters`` targets (``model.layers.3.mlp.experts.gate_up_proj``
+/ ``down_proj``); its Megatron name carries the global expert index
+(``decoder.layers.3.mlp.experts.5.linear_fc1``) and identifies it in checkpoints.
+
 Which of the two enumerations applies is decided by :mod:`dist_lora.adapters.model`.
 """
 
@@ -34,8 +39,9 @@ class Candidate:
     names: tuple[str, ...]  # names target_modules / exclude_modules are matched against
     hf_name: str  # the HF name used for layers_to_transform and rank / alpha patterns
     slot: Slot
-    kind: str  # "linear" | "output" | "embedding"
+    kind: str  # "linear" | "output" | "embedding" | "expert"
     group: str  # candidates that share a base layer and cannot be fused + canonical at once
+    expert: int | None = None  # a routed expert's global index
 
     @property
     def global_name(self) -> str:
@@ -53,6 +59,9 @@ def megatron_candidates(model: nn.Module, info: ModelInfo) -> list[Candidate]:
         if not entry.megatron.endswith(".weight") or entry.layout == "replicated":
             continue
         if entry.when is not None and entry.when not in spec.features:
+            continue
+        if entry.per_expert:
+            out += _expert_candidates(entry, spec, groups, layers, modules)
             continue
         for g in (layers if entry.per_layer else [None]):
             local = entry.megatron[: -len(".weight")].format(layer=None if g is None else g - layers.start)
@@ -87,6 +96,28 @@ def megatron_candidates(model: nn.Module, info: ModelInfo) -> list[Candidate]:
                 slot = Slot(WHOLE, (hf[0],), out_features or 0, REPLICATED if entry.layout == "row" else FactorLayout(dim=0))
                 names = (hf[0], megatron_name)
             out.append(Candidate(local, names, hf[0], slot, kind, local))
+    return out
+
+
+def _expert_candidates(entry, spec, groups, layers, modules) -> list[Candidate]:
+    """One candidate per local expert and layer: the expert's whole ``linear_fc1`` (``[gate; up]``
+    rows, stride 2 over ETP) or ``linear_fc2`` (its output replicated over ETP)."""
+    out = []
+    experts = spec.experts.local_experts(groups.ep_size, groups.ep_rank)
+    glu = entry.layout in ("glu", "gate_up")
+    rows = 2 * spec.experts.ffn_hidden_size if glu else spec.hidden_size
+    b_layout = FactorLayout(dim=0, stride=2) if glu else REPLICATED
+    for g in layers:
+        (fused,), _ = entry.fused
+        param = fused.format(layer=g)  # the name target_parameters matches: ...mlp.experts.gate_up_proj
+        for e in experts:
+            local = entry.megatron[: -len(".weight")].format(layer=g - layers.start, expert=e - experts.start)
+            if local not in modules:
+                continue
+            megatron_name = entry.megatron[: -len(".weight")].replace("local_experts.{expert}", "{expert}")
+            slot = Slot(WHOLE, (param,), rows, b_layout)
+            out.append(Candidate(local, (param, megatron_name.format(layer=g, expert=e)), param, slot, "expert",
+                                 local, e))
     return out
 
 

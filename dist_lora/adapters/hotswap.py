@@ -49,11 +49,15 @@ def hotswap_rank(model: nn.Module) -> int | None:
 
 
 def swappable(config: LoraConfig) -> bool:
-    """Whether adapters of ``config`` can be padded and swapped (plain LoRA / rsLoRA)."""
-    return type(config) is LoraConfig and config.peft_type == "LORA" and not config.use_dora
+    """Whether adapters of ``config`` can be padded and swapped (plain LoRA / rsLoRA, not on
+    routed experts, whose PEFT tensors pack every expert's rank rows)."""
+    return (type(config) is LoraConfig and config.peft_type == "LORA" and not config.use_dora
+            and not config.target_parameters)
 
 
 def _method(config: LoraConfig) -> str:
+    if config.target_parameters:
+        return "LoRA on routed experts (target_parameters)"
     return "DoRA" if config.use_dora and config.peft_type == "LORA" else config.peft_type
 
 

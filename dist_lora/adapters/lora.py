@@ -66,6 +66,10 @@ def shard_of(model: nn.Module, path: str) -> BaseShard:
 
 def check_target(model: nn.Module, c: Candidate, use_dora: bool, lora_bias: bool) -> None:
     """A candidate that a LoRA-family adapter may take (shared by every LoRA-family method)."""
+    if c.kind == "expert" and (use_dora or lora_bias):
+        option = "use_dora=True" if use_dora else "lora_bias=True"
+        raise ValueError(f"{option} is not supported on routed experts ({c.hf_name}), as in PEFT's "
+                         f"target_parameters; set {option.split('=')[0]}=False")
     if use_dora and c.kind == "embedding":
         raise ValueError(f"DoRA is not supported on embedding layers ({c.hf_name}); leave it out of "
                          f"target_modules or set use_dora=False")
@@ -86,6 +90,9 @@ def plan_lora(model: nn.Module, config: LoraConfig, adapter_name: str, seed: int
         check_target(model, c, config.use_dora, config.lora_bias)
         r, alpha = rank_and_alpha(config, c)
         shard = shard_of(model, c.module_path)
+        if c.kind == "expert" and (weight_driven or config.init_lora_weights == "eva"):
+            raise ValueError(f"init_lora_weights={config.init_lora_weights!r} is not supported on routed experts "
+                             f"({c.hf_name}); use True, False or 'gaussian'")
         if weight_driven:
             check_weight_init(config, c, shard, r)
         communicates = shard.tp > 1 and (weight_driven or (config.use_dora and shard.kind == "row"))
@@ -140,6 +147,8 @@ def ensure_wrapper(model: nn.Module, pool: list[Candidate], path: str, journal: 
     whole = next(c for c in siblings if c.slot.key == "all")
     wrapper = wrapper_cls(module, shard, {c.slot.key: c.slot for c in siblings}, whole.slot.hf_names, whole.slot.fused)
     wrapper.global_name = whole.global_name
+    if whole.expert is not None:
+        wrapper.expert = whole.expert
     journal.set_module(path, wrapper)
     return wrapper
 
@@ -150,9 +159,13 @@ def _add_slot(model, pool, config: LoraConfig, adapter_name: str, c: Candidate, 
     factors = LoraFactors(module.shard, c.slot, r, alpha, config.scaling_for(r, alpha), config.lora_dropout,
                           config.lora_bias, config.use_dora, *placement(model, module.base_layer, adapter_dtype))
     kind = "embedding" if module.shard.kind == "embedding" else "linear"
+    name = c.hf_name if c.expert is None else f"{c.hf_name}[{c.expert}]"  # each expert draws its own
     full = initial_factors(config.init_lora_weights, factors.global_shapes(module.shard), kind, r, seed,
-                           adapter_name, c.hf_name, c.slot.key)
+                           adapter_name, name, c.slot.key)
     factors.load_global(full, module.shard)
+    if c.expert is not None:
+        for param in factors.parameters():
+            param.allreduce = False  # Megatron's mark of expert parameters: reduced over expert-data-parallel
     if weight_method(config.init_lora_weights) is not None:  # PiSSA / OLoRA / LoftQ: rewrites the base rows
         journal.keep(module.base_weight())
         initialise_from_weight(module, factors, c.slot, config,

@@ -69,6 +69,19 @@ class ModelView:
         g = self.groups
         return g.dp_group if g is not None and g.dp_size > 1 else None
 
+    @property
+    def ep_group(self) -> Any:
+        """The expert-parallel group when EP > 1 (a layer's experts are spread over it), else ``None``."""
+        g = self.groups
+        return g.ep_group if g is not None and g.ep_size > 1 else None
+
+    @property
+    def edp_group(self) -> Any:
+        """The expert-data-parallel group (the replicas of an expert shard) when it has several
+        ranks, else ``None``."""
+        g = self.groups
+        return g.edp_group if g is not None and g.edp_size > 1 else None
+
     def candidates(self) -> list[Candidate]:
         """Every adaptable output on this rank (this pipeline stage's layers)."""
         if self.info is not None:
@@ -88,11 +101,12 @@ class ModelView:
         """This rank's place in the layout, the model config and the layers of every pipeline
         stage, as checkpoints record them."""
         if self.info is None:
-            return {"tp": 1, "pp": 1, "tp_rank": 0, "pp_rank": 0, "dp_rank": 0, "model_config": None,
-                    "stage_layers": None}
+            return {"tp": 1, "pp": 1, "ep": 1, "etp": 1, "tp_rank": 0, "pp_rank": 0, "dp_rank": 0, "ep_rank": 0,
+                    "etp_rank": 0, "edp_rank": 0, "model_config": None, "stage_layers": None}
         g = self.info.groups
-        return {"tp": g.tp_size, "pp": g.pp_size, "tp_rank": g.tp_rank, "pp_rank": g.pp_rank,
-                "dp_rank": g.dp_rank, "model_config": self.info.spec.hf_config,
+        return {"tp": g.tp_size, "pp": g.pp_size, "ep": g.ep_size, "etp": g.etp_size, "tp_rank": g.tp_rank,
+                "pp_rank": g.pp_rank, "dp_rank": g.dp_rank, "ep_rank": g.ep_rank, "etp_rank": g.etp_rank,
+                "edp_rank": g.edp_rank, "model_config": self.info.spec.hf_config,
                 "stage_layers": list(self.info.spec.stage_sizes(g.pp_size))}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from dist_lora.adapters.model import view
 from dist_lora.integrations import bitsandbytes
 from dist_lora.layers.adapter_layer import AdapterLayer
 from dist_lora.layers.dispatch import describe
@@ -63,6 +64,10 @@ def quantize_base(model: nn.Module, quant_type: str = "nf4", blocksize: int = 64
             raise ImportError(f"quantize_base needs bitsandbytes, which is not installed; {bitsandbytes.INSTALL_HINT}")
         if quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quant_type={quant_type!r}: use 'nf4' (QLoRA) or 'fp4'")
+        spec = view(model).spec
+        if spec is not None and spec.experts is not None:
+            raise ValueError(f"quantize_base does not support mixture-of-experts models ({spec.family.name}): a "
+                             f"4-bit base for routed experts is not implemented; train on the float base")
         for name, layer, owner, attr in _linear_layers(model):
             if isinstance(owner, AdapterLayer) and owner.merged_adapters:
                 raise RuntimeError(f"{name}: adapters {owner.merged_adapters} are merged into the weight; "

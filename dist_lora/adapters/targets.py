@@ -5,6 +5,11 @@ Candidates (:mod:`dist_lora.adapters.candidates`) come from the model seam
 string is a regex matched against the whole name; a list matches a name equal to an entry or
 ending in ``.entry``; exclusions, ``layers_to_transform`` / ``layers_pattern`` and
 ``rank_pattern`` / ``alpha_pattern`` (``(.*\\.)?key$``) work as in PEFT, on the Hugging Face name.
+
+Routed experts are targeted, as in PEFT, only by ``target_parameters``: an entry matches a
+fused expert parameter (``model.layers.3.mlp.experts.gate_up_proj``) that equals it or ends in
+``.entry``; PEFT applies neither ``exclude_modules`` nor ``layers_to_transform`` to parameters, and
+neither do we. LoRA on the router is refused.
 """
 
 from __future__ import annotations
@@ -75,16 +80,67 @@ def saves_module(config: LoraConfig, name: str) -> bool:
 
 def leaf_names(model: nn.Module) -> list[str]:
     """Short names of the modules that could be targeted (for error messages)."""
-    return sorted({n.rsplit(".", 1)[-1] for c in view(model).candidates() for n in c.names})
+    return sorted({n.rsplit(".", 1)[-1] for c in view(model).candidates() if c.kind != "expert" for n in c.names})
+
+
+def _param_matches(targets: list[str], name: str) -> bool:
+    """PEFT's ``target_parameters`` rule: the parameter's name equals an entry or ends in ``.entry``."""
+    return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
+def _expert_parameters(spec) -> tuple[list[str], list[str], list[str]]:
+    """(expert parameter names, router parameter names, router module names) of every layer."""
+    experts, router_params, router_modules = [], [], []
+    for entry in spec.family.weights if spec is not None else ():
+        if entry.fused is None:
+            continue
+        (name,), _ = entry.fused
+        for g in range(spec.num_layers):
+            if entry.per_expert:
+                experts.append(name.format(layer=g))
+            elif entry.megatron.endswith("mlp.router.weight"):
+                router_params.append(name.format(layer=g))
+                router_modules += [name.format(layer=g)[: -len(".weight")],
+                                   entry.megatron[: -len(".weight")].format(layer=g)]
+    return experts, router_params, router_modules
+
+
+def _select_experts(pool: list[Candidate], config: LoraConfig, spec) -> list[Candidate]:
+    """The routed experts ``target_parameters`` names; every entry must name expert parameters."""
+    experts, router_params, router_modules = _expert_parameters(spec)
+    targets = config.target_modules
+    if targets is not None and targets != "all-linear" and any(_name_matches(targets, n) for n in router_modules):
+        raise ValueError(f"target_modules={targets!r} names the mixture-of-experts router (mlp.gate): LoRA on the "
+                         f"router is not supported (it would change which experts each token reaches); target the "
+                         f"experts with target_parameters and leave the router out")
+    for wanted in config.target_parameters or []:
+        if any(_param_matches([wanted], n) for n in router_params):
+            raise ValueError(f"target_parameters entry {wanted!r} names the mixture-of-experts router: LoRA on the "
+                             f"router is not supported; target mlp.experts.gate_up_proj / mlp.experts.down_proj")
+        if not any(_param_matches([wanted], n) for n in experts):
+            known = sorted({n.split(".", 3)[-1] for n in experts})
+            raise ValueError(f"target_parameters entry {wanted!r} names no routed-expert parameter of this model "
+                             f"(dist_lora adapts {', '.join(known) or 'no parameters: the model has no experts'} "
+                             f"with target_parameters; target linear layers with target_modules)")
+    return [c for c in pool if c.kind == "expert" and _param_matches(config.target_parameters or [], c.hf_name)]
 
 
 def select(model: nn.Module, config: LoraConfig) -> list[Candidate]:
     """The candidates ``config`` targets on this rank (possibly none: under pipeline
     parallelism another stage may hold them); a ``ValueError`` names an inconsistent target."""
-    pool = view(model).candidates()
+    seam = view(model)
+    if config.target_parameters and not seam.megatron:
+        raise ValueError("target_parameters (LoRA on routed experts) needs a dist_lora Megatron mixture-of-experts "
+                         "model (models.from_pretrained); on a plain model use PEFT itself")
+    everything = seam.candidates()
+    experts = _select_experts(everything, config, seam.spec) if seam.megatron else []
+    pool = [c for c in everything if c.kind != "expert"]  # target_modules never names experts (as in PEFT)
     targets = config.target_modules
-    if targets is None:
-        targets = ["q_proj", "v_proj"]  # PEFT's default for the Llama / Mistral / Qwen2 families
+    if targets is None:  # PEFT's default for the model type, if it has one
+        targets = list(seam.spec.family.default_targets or []) if seam.megatron else ["q_proj", "v_proj"]
+        if not targets and not config.target_parameters:
+            raise ValueError(f"target_modules=None: PEFT has no default target modules for {seam.spec.family.name}; "
+                             f"set target_modules (e.g. ['q_proj', 'v_proj']) or target_parameters")
     if targets == "all-linear":
         chosen = [c for c in pool if c.kind == "linear" and c.slot.fused is None
                   and not any(_excluded(config, n) for n in c.names)]
@@ -100,7 +156,7 @@ def select(model: nn.Module, config: LoraConfig) -> list[Candidate]:
     if mixed:
         raise ValueError(f"{mixed[0]} is targeted both as a fused layer and by its projections; "
                          f"use either the Megatron name or the Hugging Face projection names")
-    return chosen
+    return chosen + experts
 
 
 def rank_and_alpha(config: LoraConfig, candidate: Candidate) -> tuple[int, float]:

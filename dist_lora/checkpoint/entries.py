@@ -2,9 +2,12 @@
 
 Keys are ``<global module name>.<slot>.<role>`` (e.g.
 ``decoder.layers.3.self_attention.linear_qkv.q_proj.lora_A``), ``<module>.modules_to_save`` and
-``<module>.base_bias`` (a base bias ``bias="all"`` trains); the global module name uses the *global* layer index, so a key means
-the same tensor at any TP / PP layout. ``describe`` carries what is needed to export the tensor
-to PEFT's names without a model: HF module names, fused layout, embedding or not.
+``<module>.base_bias`` (a base bias ``bias="all"`` trains); the global module name uses the
+*global* layer index (and a routed expert's, the *global* expert index:
+``decoder.layers.3.mlp.experts.5.linear_fc1``), so a key means the same tensor at any TP / PP / EP
+layout. A routed expert's tensors are split over its expert-tensor-parallel group
+(``parallel="etp"``), the others over TP. ``describe`` carries what is needed to export the tensor
+to PEFT's names without a model: HF module names, fused layout, embedding, expert or plain.
 """
 
 from __future__ import annotations
@@ -30,15 +33,26 @@ class Entry:
     role: str  # lora_A | lora_B | lora_bias | lora_magnitude_vector | trained_bias | modules_to_save | base_bias
     hf_names: tuple[str, ...]
     fused: str | None
-    kind: str  # linear | embedding
+    kind: str  # linear | embedding | expert
     adapted: tuple[str, ...] = ()  # for base_bias: HF modules that carry this adapter
     alpha: float | None = None  # lora_alpha of the slot (LoRA tensors)
+    expert: int | None = None  # a routed expert's global index
+    parallel: str = "tp"  # the group the tensor is split over: tp, or etp for a routed expert's
+
+    @property
+    def replica(self) -> bool:
+        """Whether another rank of the same data-parallel replica stores this tensor instead
+        (a replicated tensor is stored by rank 0 of its TP / ETP group)."""
+        return self.layout.dim is None and self.rank != 0
 
     def describe(self) -> dict:
-        return {"shape": list(self.shape), "dim": self.layout.dim, "stride": self.layout.stride,
-                "size": self.layout.size, "dtype": str(self.param.dtype).replace("torch.", ""),
-                "role": self.role, "hf_names": list(self.hf_names), "fused": self.fused, "kind": self.kind,
-                "adapted": list(self.adapted), "alpha": self.alpha}
+        out = {"shape": list(self.shape), "dim": self.layout.dim, "stride": self.layout.stride,
+               "size": self.layout.size, "dtype": str(self.param.dtype).replace("torch.", ""),
+               "role": self.role, "hf_names": list(self.hf_names), "fused": self.fused, "kind": self.kind,
+               "adapted": list(self.adapted), "alpha": self.alpha}
+        if self.expert is not None:
+            out.update(expert=self.expert, parallel=self.parallel)
+        return out
 
 
 def is_training_state(role: str) -> bool:
@@ -52,7 +66,8 @@ def entries(model: nn.Module, adapter: str) -> list[Entry]:
     """This rank's tensors of ``adapter`` (parameters, not copies)."""
     out = []
     for _, layer in adapter_layers(model):
-        kind = "embedding" if layer.shard.kind == "embedding" else "linear"
+        expert = getattr(layer, "expert", None)
+        kind = "embedding" if layer.shard.kind == "embedding" else "linear" if expert is None else "expert"
         slots = layer.factors_of(adapter)
         for slot_key, factors in slots.items():
             if factors.vacant:  # a hotswapped adapter that does not target this slot
@@ -61,7 +76,8 @@ def entries(model: nn.Module, adapter: str) -> list[Entry]:
             for role, layout in factors.layouts().items():
                 out.append(Entry(f"{layer.global_name}.{slot_key}.{role}", factors.held(role), layout,
                                  shapes[role], layer.shard.tp, layer.shard.rank, role, factors.slot.hf_names,
-                                 factors.slot.fused, kind, alpha=factors.alpha))
+                                 factors.slot.fused, kind, alpha=factors.alpha, expert=expert,
+                                 parallel="tp" if expert is None else "etp"))
     for b in trained_biases(model, adapter):  # bias="all": every base bias, wrapped or not
         out.append(Entry(f"{b.global_name}.base_bias", b.param, b.layout, b.global_shape, b.tp, b.rank,
                          "base_bias", b.hf_names, b.fused, "linear", b.adapted))

@@ -4,7 +4,8 @@ The base is streamed tensor by tensor (one base tensor and its merged copy in me
 adapter (a PEFT directory or a dist_lora sharded checkpoint) is small and read whole. Merging
 follows PEFT's ``merge_and_unload``: ``W + s B A`` (LoRA / rsLoRA, per-module rank and alpha),
 ``m / ||W + s B A||_row * (W + s B A)`` (DoRA), ``E + s (B A)^T`` (embeddings), ``lora_B.bias``
-into the base bias, ``modules_to_save`` and trained base biases replacing the originals. A
+into the base bias, ``modules_to_save`` and trained base biases replacing the originals, and
+on routed experts each expert's ``s B_e A_e`` (:mod:`dist_lora.checkpoint.expert_merge`). A
 tied base whose head or embedding the adapter changes is released untied (``lm_head.weight``
 written, ``tie_word_embeddings: false``), so it loads with the trained model's logits. The
 output is sharded into files of at most ``max_shard_size`` bytes with an index when it needs
@@ -21,10 +22,12 @@ import torch
 from tqdm import tqdm
 
 from dist_lora.checkpoint.atomic import atomic_directory
+from dist_lora.checkpoint.expert_merge import expert_deltas
 from dist_lora.checkpoint.peft_format import read_adapter
 from dist_lora.checkpoint.peft_names import PREFIX, adapter_modules
 from dist_lora.checkpoint.stream_writer import StreamWriter
 from dist_lora.models.hf_checkpoint import INDEX, SIDE_FILES, SINGLE, HFCheckpoint
+from dist_lora.models.spec import spec_from_config
 
 
 def _replacements(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -65,10 +68,13 @@ def merge_release(base_dir: str | Path, adapter: str | Path, out_dir: str | Path
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     config, tensors = read_adapter(adapter)
     base_config = json.loads((base_dir / "config.json").read_text())
-    modules, replace = adapter_modules(config, tensors), _replacements(tensors)
     reader = HFCheckpoint(base_dir)
     names = reader.names()
     source = {n: n for n in names}  # released tensor -> base tensor it starts from
+    spec = spec_from_config(base_config) if config.target_parameters else None
+    experts, used = expert_deltas(config, tensors, spec, set(names))
+    tensors = {k: v for k, v in tensors.items() if k not in used}
+    modules, replace = adapter_modules(config, tensors), _replacements(tensors)
     touched = list(modules) + [n.rpartition(".")[0] for n in replace]
     if base_config.get("tie_word_embeddings", False) and any(m.endswith(("lm_head", "embed_tokens")) for m in touched):
         base_config = _untie(base_config, names, source)
@@ -92,8 +98,12 @@ def merge_release(base_dir: str | Path, adapter: str | Path, out_dir: str | Path
             entries = [(n, _torch_dtype(reader.dtype_name(source[n])), reader.shape(source[n])) for n in members]
             with StreamWriter(tmp / file, entries, metadata={"format": "pt"}) as writer:
                 for name in members:
-                    base = reader.read(source[name])
-                    writer.write(name, merged_tensor(name, base, modules, replace).contiguous())
+                    weight = reader.read(source[name])
+                    if name in experts:  # a routed expert's tensor
+                        merged = (weight.float() + experts[name]()).to(weight.dtype)
+                    else:
+                        merged = merged_tensor(name, weight, modules, replace)
+                    writer.write(name, merged.contiguous())
                     bar.update()
         bar.close()
         if len(files) > 1:

@@ -5,7 +5,8 @@ Keys are layout-independent, so a key's pipeline stage follows from its global l
 balanced or with the given first / last stage layer counts), the word embedding (first stage)
 or the output layer (last stage), and its TP shards from the manifest's split dim and stride.
 Each new shard is read with ``ShardReader.local_shard`` (only the overlapping saved slices) and
-the result appears atomically.
+the result appears atomically. A routed expert's tensors are written whole (ETP = 1, the layout's default) into TP
+rank 0's file of their stage; loading them re-lays them for any EP / ETP.
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ def reshard_checkpoint(src: str | Path, dst: str | Path, tp: int, pp: int, overw
                 for key, meta in manifest["tensors"].items():
                     if spec is not None and stage_of(key, spec, pp) != pp_rank:
                         continue
-                    if meta["dim"] is None:
+                    if meta.get("parallel") == "etp":  # a routed expert's: whole, in TP rank 0's file
+                        if tp_rank == 0:
+                            shard[key] = reader.global_tensor(key)
+                    elif meta["dim"] is None:
                         if tp_rank == 0:
                             shard[key] = reader.read(next(iter(meta["files"])), key)
                     else:

@@ -39,13 +39,18 @@ def describes(config: LoraConfig, modules: dict[str, tuple[int, float]], saved: 
 
 
 def peft_config(config: LoraConfig, modules: dict[str, tuple[int, float]], saved: list[str],
-                base_model: str | None, kinds: dict[str, str]) -> dict:
+                base_model: str | None, kinds: dict[str, str], parameters: set[str] = frozenset()) -> dict:
     """The exported ``adapter_config.json`` (see module docstring). ``modules``: every exported
     adapter module -> (r, alpha); ``saved``: the exported ``modules_to_save``; ``kinds``: every
-    module of the model PEFT could target -> its kind (at least the exported ones)."""
+    module of the model PEFT could target -> its kind (at least the exported ones);
+    ``parameters``: the routed-expert parameters among ``modules`` (PEFT's ``target_parameters``).
+    An adapter on routed experts always names exactly what it exports (``target_modules`` and
+    ``target_parameters`` in full)."""
     out = config.to_dict()
-    if not describes(config, modules, saved, {**{m: "linear" for m in [*modules, *saved]}, **kinds}):
-        out.update(target_modules=sorted(modules), exclude_modules=None, layers_to_transform=None,
+    dense = [m for m in modules if m not in parameters]
+    if parameters or not describes(config, modules, saved, {**{m: "linear" for m in [*modules, *saved]}, **kinds}):
+        out.update(target_modules=sorted(dense), target_parameters=sorted(parameters) or None,
+                   exclude_modules=None, layers_to_transform=None,
                    layers_pattern=None, modules_to_save=saved or None,
                    rank_pattern={m: r for m, (r, _) in sorted(modules.items()) if r != config.r},
                    alpha_pattern={m: a for m, (_, a) in sorted(modules.items()) if a != config.lora_alpha})

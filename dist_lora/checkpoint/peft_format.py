@@ -27,10 +27,12 @@ from safetensors.torch import save_file
 
 from dist_lora.adapters.hotswap import AUTO, check_fits, prepare_loaded, resolve_hotswap, unwrap_compiled
 from dist_lora.adapters.lora import add_adapter
+from dist_lora.adapters.management import delete_adapter
 from dist_lora.adapters.model import view
 from dist_lora.adapters.registry import require_adapter
 from dist_lora.checkpoint.atomic import atomic_directory, atomic_files, recover_files
 from dist_lora.checkpoint.entries import entries, is_training_state
+from dist_lora.checkpoint.expert_keys import check_expert_shapes, pack, peft_expert_key
 from dist_lora.checkpoint.fuse import fuse_projections
 from dist_lora.checkpoint.hotswap import peft_source, swap_in
 from dist_lora.checkpoint.initial_conversion import subtract_initial
@@ -96,10 +98,12 @@ def _export_model(model, out_dir: Path, adapter_name: str, base: str | None, ove
     ranks = {hf: (e.shape[0], e.alpha) for e in mine for hf in e.hf_names}
     kinds = {hf: e.kind for e in mine for hf in e.hf_names}
     kinds.update({c.hf_name: c.kind for c in view(model).candidates() if c.slot.fused is None})
-    merged, every_kind = {}, {}
-    for part, part_kinds in all_gather_object((ranks, kinds)):
+    experts = {hf for e in mine if e.kind == "expert" for hf in e.hf_names}
+    merged, every_kind, parameters = {}, {}, set()
+    for part, part_kinds, names in all_gather_object((ranks, kinds, experts)):
         merged.update(part)
         every_kind.update(part_kinds)
+        parameters |= names
     saved = sorted({k[len(PREFIX):-len(".weight")] for k in state if _is_saved_module(k)})
     target = _out_dir(out_dir, adapter_name)
     with on_every_rank(f"exporting to {target}"):
@@ -108,7 +112,7 @@ def _export_model(model, out_dir: Path, adapter_name: str, base: str | None, ove
                 state, config, merged = subtract_initial(state, config, merged, initial)
             with _adapter_output(out_dir, adapter_name, overwrite) as tmp:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
-                written = peft_config(config, merged, saved, base, every_kind)
+                written = peft_config(config, merged, saved, base, every_kind, parameters)
                 (tmp / CONFIG).write_text(json.dumps(written, indent=2, sort_keys=True))
     return target
 
@@ -120,12 +124,17 @@ def _is_saved_module(key: str) -> bool:
 def _checkpoint_plan(manifest: dict, config: LoraConfig):
     """(plan, ranks, saved): every PEFT tensor of a sharded checkpoint, from the manifest alone."""
     spec = spec_from_config(manifest["model_config"]) if manifest["model_config"] else None
-    plan, ranks, saved = [], {}, []
+    plan, ranks, saved, experts = [], {}, [], {}
     kinds = module_kinds(spec) if spec is not None else {}
     for key, meta in manifest["tensors"].items():
         if is_training_state(meta["role"]):  # optimizer / method state of a training checkpoint
             continue
         names = tuple(meta["hf_names"])
+        if meta["kind"] == "expert":  # packed with the layer's other experts below
+            experts.setdefault((names[0], meta["role"]), {})[meta["expert"]] = key
+            if meta["role"] == "lora_A":
+                ranks[names[0]] = (meta["shape"][0], meta["alpha"])
+            continue
         shapes = split_fused(meta["fused"], torch.empty(meta["shape"], device="meta"), names, spec,
                              shared=meta["role"] == "lora_A")
         for hf, t in shapes.items():
@@ -138,8 +147,15 @@ def _checkpoint_plan(manifest: dict, config: LoraConfig):
                 kinds.setdefault(hf, meta["kind"])
         if meta["role"] == "modules_to_save":
             saved += list(names)
+    for (param, role), keys in experts.items():
+        ordered = tuple(keys[e] for e in range(spec.experts.num_experts))  # every expert is in the checkpoint
+        metas = [manifest["tensors"][k] for k in ordered]
+        shape = metas[0]["shape"]
+        packed = [shape[0] * len(ordered), shape[1]] if role == "lora_A" else [shape[0], shape[1] * len(ordered)]
+        plan.append((ordered, param, peft_expert_key(param, role, config.target_parameters or [], spec),
+                     getattr(torch, metas[0]["dtype"]), tuple(packed)))
     plan.sort(key=lambda p: p[2])
-    return plan, ranks, sorted(saved), spec, kinds
+    return plan, ranks, sorted(saved), spec, kinds, {param for param, _ in experts}
 
 
 def checkpoint_tensors(path: str | Path):
@@ -147,12 +163,16 @@ def checkpoint_tensors(path: str | Path):
     tensor (and its per-projection split) in memory at a time."""
     manifest = read_manifest(path)
     config = LoraConfig.from_dict(manifest["adapter_config"])
-    plan, ranks, saved, spec, kinds = _checkpoint_plan(manifest, config)
+    plan, ranks, saved, spec, kinds, parameters = _checkpoint_plan(manifest, config)
     reader = ShardReader(Path(path), manifest)
 
     def tensors():
         current_key, split = None, {}
         for key, hf, out_key, _, _ in plan:
+            if isinstance(key, tuple):  # a routed expert parameter: every expert's factor, packed
+                role = manifest["tensors"][key[0]]["role"]
+                yield out_key, pack(role, [reader.global_tensor(k) for k in key]).contiguous()
+                continue
             if key != current_key:
                 meta = manifest["tensors"][key]
                 split = split_fused(meta["fused"], reader.global_tensor(key), tuple(meta["hf_names"]), spec,
@@ -160,7 +180,7 @@ def checkpoint_tensors(path: str | Path):
                 current_key = key
             yield out_key, split[hf].contiguous()
 
-    return peft_config(config, ranks, saved, None, kinds), plan, tensors()
+    return peft_config(config, ranks, saved, None, kinds, parameters), plan, tensors()
 
 
 def _export_checkpoint(path: Path, out_dir: Path, base: str | None, overwrite: bool) -> Path:
@@ -234,8 +254,10 @@ def import_peft(model, peft_dir: str | Path, adapter_name: str = "default", fuse
     By default each HF projection gets its own adapter (q_proj-only adapters stay q_proj-only).
     ``fused=True`` turns the q/k/v (gate/up) adapters of each layer into one adapter on the fused
     Megatron layer, exactly: A is the stack of their A's (rank = the sum of their ranks) and B is
-    block-structured, each projection's block carrying its own scaling. Unsupported adapter
-    types, modules this model lacks and shape mismatches raise on every rank; ignored config
+    block-structured, each projection's block carrying its own scaling. Adapters on routed
+    experts (PEFT's ``target_parameters``) are unpacked per expert onto their EP / ETP shards.
+    Unsupported adapter types, modules this model lacks, shape mismatches and an adapter for
+    another expert count raise on every rank and leave the model as it was; ignored config
     fields give a warning.
 
     ``hotswap=True`` copies the adapter into the loaded adapter ``adapter_name`` in place (no
@@ -248,6 +270,7 @@ def import_peft(model, peft_dir: str | Path, adapter_name: str = "default", fuse
     config, tensors, swapping = None, None, False
     with on_every_rank(f"importing {peft_dir}"):
         config, tensors = read_peft(peft_dir)
+        check_expert_shapes(config, tensors, view(model).spec)  # before the model changes
         if fused:
             config, tensors = fuse_projections(model, config, tensors)
         swapping = resolve_hotswap(model, adapter_name, hotswap)
@@ -261,7 +284,11 @@ def import_peft(model, peft_dir: str | Path, adapter_name: str = "default", fuse
         swap_in(model, config, peft_source(model, tensors, str(peft_dir)), adapter_name)
         return
     add_adapter(model, config, adapter_name)
-    set_adapter_state_dict(model, tensors, adapter_name)
+    try:
+        set_adapter_state_dict(model, tensors, adapter_name)
+    except BaseException:  # raised on every rank: take the new adapter out again everywhere
+        delete_adapter(model, adapter_name)
+        raise
     prepare_loaded(model, adapter_name)
 
 

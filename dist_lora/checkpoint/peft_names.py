@@ -87,10 +87,12 @@ def adapter_modules(config: LoraConfig, tensors: dict[str, torch.Tensor]) -> dic
 
 
 def hf_module_table(spec) -> dict[str, tuple[str, str, bool]]:
-    """HF module name -> (Megatron module name with global layer index, layout, in a fused layer)."""
+    """HF module name -> (Megatron module name with global layer index, layout, in a fused layer);
+    routed experts are not modules PEFT adapts (see :mod:`dist_lora.checkpoint.expert_keys`)."""
     table = {"lm_head": ("output_layer", "vocab", False)}
     for entry in spec.family.weights:
-        if not entry.megatron.endswith(".weight") or entry.layout == "replicated" or entry.when == "tied":
+        if (not entry.megatron.endswith(".weight") or entry.layout == "replicated" or entry.when == "tied"
+                or entry.per_expert):
             continue
         for layer in range(spec.num_layers) if entry.per_layer else [None]:
             megatron = entry.megatron[: -len(".weight")].format(layer=layer)

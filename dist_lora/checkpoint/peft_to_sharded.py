@@ -5,6 +5,11 @@ Hugging Face module lives in and how that layer is split; from it every PEFT ten
 layout-independent key and split dim, exactly as ``save_adapter`` would write them for
 per-projection adapters. A one-shard checkpoint is assembled and then re-laid for the requested
 TP / PP by :func:`reshard_checkpoint`.
+
+Adapters on routed experts (``target_parameters``): PEFT's packed tensors of each layer's fused
+expert parameter are unpacked per expert (:mod:`dist_lora.checkpoint.expert_keys`) into the keys
+``save_adapter`` writes (``decoder.layers.3.mlp.experts.5.linear_fc1.all.lora_A``, global layer
+and expert index), whole (ETP = 1): loading lays them out for any EP / ETP.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from dist_lora.adapters.targets import pattern_value
+from dist_lora.checkpoint.expert_keys import ROLES, is_expert_key, peft_expert_key, unpack
 from dist_lora.checkpoint.offline_reshard import reshard_checkpoint
 from dist_lora.checkpoint.peft_format import read_adapter
 from dist_lora.checkpoint.peft_names import PREFIX, hf_module_table
 from dist_lora.checkpoint.sharded import FORMAT, MANIFEST, sha256_of
+from dist_lora.layers.slots import WHOLE
 from dist_lora.models.spec import read_spec
 
 _ROLES = {"lora_A.weight": ("lora_A", "linear"), "lora_B.weight": ("lora_B", "linear"),
@@ -40,6 +47,48 @@ def _split_dim(role: str, kind: str, layout: str) -> tuple[int | None, bool]:
     return 0, layout == "vocab"
 
 
+# (role, Megatron layout of the expert's layer) -> (split dim, stride) over ETP, as ExpertLoraLinear
+# lays its factors out: fc1's B like its [gate; up] rows (stride 2), fc2's A like its input columns.
+_EXPERT_SPLITS = {("lora_A", "column"): (None, 1), ("lora_B", "column"): (0, 2),
+                  ("lora_A", "row"): (1, 1), ("lora_B", "row"): (None, 1)}
+
+
+def _expert_tensors(config, tensors: dict, spec) -> tuple[dict, dict]:
+    """Every routed expert's A and B, unpacked from PEFT's packed tensors, with the metadata
+    ``save_adapter`` writes for them; an adapter for another expert count raises ``ValueError``."""
+    shard, metas = {}, {}
+    if not config.target_parameters:
+        return shard, metas
+    if spec.experts is None:
+        raise ValueError(f"the adapter adapts routed experts (target_parameters={config.target_parameters}), but "
+                         f"the base is a dense {spec.family.name} model")
+    for entry in spec.family.weights:
+        if not entry.per_expert:
+            continue
+        kind = "column" if entry.layout in ("glu", "gate_up") else "row"
+        for g in range(spec.num_layers):
+            param = entry.fused[0][0].format(layer=g)
+            if not any(param == t or param.endswith(f".{t}") for t in config.target_parameters):
+                continue
+            r = pattern_value(config.rank_pattern, param, config.r)
+            alpha = pattern_value(config.alpha_pattern, param, config.lora_alpha)
+            for role in ROLES:
+                key = peft_expert_key(param, role, config.target_parameters, spec)
+                if key not in tensors:
+                    raise ValueError(f"the adapter's target_parameters name {param} but it has no {key}")
+                dim, stride = _EXPERT_SPLITS[(role, kind)]
+                for e, factor in enumerate(unpack(role, tensors[key], spec.experts.num_experts, r, key)):
+                    module = entry.megatron[: -len(".weight")].replace("local_experts.{expert}", "{expert}")
+                    out_key = f"{module.format(layer=g, expert=e)}.{WHOLE}.{role}"
+                    shard[out_key] = factor.contiguous()
+                    metas[out_key] = {"shape": list(factor.shape), "dim": dim, "stride": stride, "size": None,
+                                      "dtype": str(factor.dtype)[len("torch."):], "role": role, "hf_names": [param],
+                                      "fused": None, "kind": "expert", "adapted": [],
+                                      "alpha": alpha, "expert": e, "parallel": "etp",
+                                      "files": {"adapter-tp00-pp00.safetensors": 0}}
+    return shard, metas
+
+
 def peft_to_sharded(peft_dir: str | Path, base_dir: str | Path, dst: str | Path, tp: int = 1, pp: int = 1,
                     overwrite: bool = False, first_stage_layers: int | None = None,
                     last_stage_layers: int | None = None) -> Path:
@@ -48,9 +97,11 @@ def peft_to_sharded(peft_dir: str | Path, base_dir: str | Path, dst: str | Path,
     config, tensors = read_adapter(peft_dir)
     spec = read_spec(base_dir).with_pipeline(first_stage_layers, last_stage_layers)
     spec.check_layout(tp, pp)
+    shard, metas = _expert_tensors(config, tensors, spec)
     table = hf_module_table(spec)
-    shard, metas = {}, {}
     for key, tensor in sorted(tensors.items()):
+        if is_expert_key(key, spec):
+            continue
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         if name.endswith("base_layer.weight"):  # PEFT's copy of base embedding weights: not adapter state
             continue
@@ -74,7 +125,7 @@ def peft_to_sharded(peft_dir: str | Path, base_dir: str | Path, dst: str | Path,
                           "size": tensor.shape[dim] if padded else None, "dtype": str(tensor.dtype)[len("torch."):],
                           "role": role, "hf_names": [module], "fused": None, "kind": kind, "adapted": [],
                           "alpha": pattern_value(config.alpha_pattern, module, config.lora_alpha)
-                          if role == "lora_A" else None,
+                          if role != "modules_to_save" else None,  # as save_adapter: on every LoRA tensor
                           "files": {"adapter-tp00-pp00.safetensors": 0}}
     work = Path(tempfile.mkdtemp(prefix="dist_lora_convert_"))
     try:

@@ -8,7 +8,10 @@ Layout of a checkpoint directory::
     adapter-tp00-pp00.safetensors      TP rank 0 of stage 0: its shards + the replicated tensors
     adapter-tp01-pp00.safetensors      ...
 
-Only data-parallel replica 0 writes. The directory is written under a temporary name, fsynced
+Only data-parallel replica 0 writes. With routed experts, replica 0 of every expert (its
+expert-data-parallel rank 0) writes the expert's tensors, split over its ETP group (a tensor's
+``parallel`` is ``etp``), and files are named by expert-parallel and ETP rank too
+(``adapter-tp00-pp00-ep01-etp00.safetensors``). The directory is written under a temporary name, fsynced
 and renamed, so a crash leaves the previous checkpoint as it was. Loading works on any TP / PP
 layout: each rank opens only the files that hold slices it needs, checks their sha256, and
 reads only the overlapping slices.
@@ -55,6 +58,11 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _saved_parts(manifest: dict, meta: dict) -> int:
+    """Into how many parts the checkpoint split a tensor: the TP size, or a routed expert's ETP size."""
+    return manifest["layout"].get(meta.get("parallel", "tp"), 1)
+
+
 def _extent(meta: dict, tp: int) -> int:
     dim = meta["dim"]
     return padded_extent(meta["shape"][dim], tp, meta["stride"], meta["size"] is not None)
@@ -84,9 +92,13 @@ def write_sharded(model, path: str | Path, adapter_name: str, mine: list[Entry],
             check_target(path, overwrite)
     tmp = Path(broadcast_object(str(temporary_sibling(path)) if group_rank() == 0 else None))
     try:
-        writer = lay["dp_rank"] == 0
-        stored = [e for e in mine if writer and (e.layout.dim is not None or lay["tp_rank"] == 0)]
-        file = f"adapter-tp{lay['tp_rank']:02d}-pp{lay['pp_rank']:02d}.safetensors"
+        # replica 0 stores: of the dense tensors DP rank 0, of a routed expert's its EDP rank 0
+        writer = {"tp": lay["dp_rank"] == 0, "etp": lay["edp_rank"] == 0}
+        stored = [e for e in mine if writer[e.parallel] and not e.replica]
+        file = f"adapter-tp{lay['tp_rank']:02d}-pp{lay['pp_rank']:02d}"
+        if lay["ep"] * lay["etp"] > 1:
+            file += f"-ep{lay['ep_rank']:02d}-etp{lay['etp_rank']:02d}"
+        file += ".safetensors"
         digests = {}
         with on_every_rank(f"saving to {path}"):
             if stored:
@@ -96,7 +108,7 @@ def write_sharded(model, path: str | Path, adapter_name: str, mine: list[Entry],
             for name, tensors in (rank_files or {}).items():
                 save_file(tensors, str(tmp / name), metadata={"format": "pt"})
                 digests[name] = sha256_of(tmp / name)
-        parts = all_gather_object((file, lay["tp_rank"], digests, [(e.key, e.describe()) for e in stored]))
+        parts = all_gather_object((file, digests, [(e.key, e.describe(), e.rank) for e in stored]))
         with on_every_rank(f"saving to {path}"):
             if group_rank() == 0:
                 _write_manifest(tmp, parts, config, adapter_name, lay, extra or {})
@@ -107,21 +119,23 @@ def write_sharded(model, path: str | Path, adapter_name: str, mine: list[Entry],
 
 
 def _layout(lay: dict) -> dict:
-    """The manifest's layout: TP and PP sizes, and the layers of each stage when PP > 1
-    (informational: loading places tensors by their global layer index, on any layout)."""
+    """The manifest's layout: TP and PP sizes, the layers of each stage when PP > 1 and the
+    expert EP / ETP sizes of a mixture-of-experts model (informational: loading places tensors by their global layer index, on any layout)."""
     out = {"tp": lay["tp"], "pp": lay["pp"]}
     if lay["pp"] > 1:
         out["stage_layers"] = lay["stage_layers"]
+    if lay["ep"] * lay["etp"] > 1:  # the expert layout, only where there is one (dense manifests as before)
+        out.update(ep=lay["ep"], etp=lay["etp"])
     return out
 
 
 def _write_manifest(tmp: Path, parts, config: LoraConfig, adapter_name: str, lay: dict, extra: dict) -> None:
     tensors, files = {}, {}
-    for file, tp_rank, digests, described in parts:
+    for file, digests, described in parts:
         files.update({name: {"sha256": digest} for name, digest in digests.items()})
-        for key, meta in described:
+        for key, meta, part in described:
             entry = tensors.setdefault(key, {**meta, "files": {}})
-            entry["files"][file] = tp_rank
+            entry["files"][file] = part
     manifest = {"format": FORMAT, "adapter_name": adapter_name, "adapter_config": config.to_dict(),
                 "layout": _layout(lay), "model_config": lay["model_config"],
                 "files": dict(sorted(files.items())), "tensors": dict(sorted(tensors.items())), **extra}
@@ -184,7 +198,7 @@ class ShardReader:
         meta = self.manifest["tensors"][key]
         if meta["dim"] is None:
             return self.read(next(iter(meta["files"])), key)
-        tp = self.manifest["layout"]["tp"]
+        tp = _saved_parts(self.manifest, meta)
         out = torch.zeros([_extent(meta, tp) if d == meta["dim"] else s for d, s in enumerate(meta["shape"])],
                           dtype=getattr(torch, meta["dtype"]), device="cpu")  # read into host memory
         for file, rank in meta["files"].items():
@@ -194,11 +208,12 @@ class ShardReader:
         return out.narrow(meta["dim"], 0, meta["shape"][meta["dim"]]).contiguous()
 
     def local_shard(self, key: str, tp: int, rank: int, local_shape: tuple[int, ...]) -> torch.Tensor:
-        """Rank ``rank`` of ``tp``'s shard of ``key``, reading only the overlapping saved slices."""
+        """Rank ``rank`` of ``tp``'s shard of ``key`` (TP, or ETP for a routed expert's), reading
+        only the overlapping saved slices."""
         meta = self.manifest["tensors"][key]
         if meta["dim"] is None:
             return self.read(next(iter(meta["files"])), key)
-        dim, stride, saved_tp = meta["dim"], meta["stride"], self.manifest["layout"]["tp"]
+        dim, stride, saved_tp = meta["dim"], meta["stride"], _saved_parts(self.manifest, meta)
         out = torch.zeros(local_shape, dtype=getattr(torch, meta["dtype"]), device="cpu")  # host; copied to the model
         real = meta["shape"][dim]
         for need in pieces(_extent(meta, tp), tp, rank, stride):
@@ -285,6 +300,9 @@ def _check_same_model(model, manifest: dict, path: Path) -> None:
     saved = spec_from_config(manifest["model_config"])
     differ = [f"{f}: {getattr(saved, f)!r} vs {getattr(spec, f)!r}" for f in _MODEL_FIELDS
               if getattr(saved, f) != getattr(spec, f)]
+    experts = [None if s.experts is None else (s.experts.num_experts, s.experts.ffn_hidden_size) for s in (saved, spec)]
+    if experts[0] != experts[1]:
+        differ.append(f"routed experts (count, FFN): {experts[0]} vs {experts[1]}")
     if differ:
         raise ValueError(f"{path} was saved from another model (checkpoint vs this model: {'; '.join(differ)})")
 

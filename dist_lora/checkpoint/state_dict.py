@@ -6,7 +6,9 @@ Keys are those of ``peft.get_peft_model_state_dict``:
 ``base_model.model.<HF module>.weight`` (modules_to_save), ``.base_layer.bias`` (the adapted
 rows ``bias="lora_only"`` trains) and every base bias ``bias="all"`` trains (``<module>.bias``, or
 ``.base_layer.bias`` on adapted modules). A fused Megatron adapter appears as one adapter per projection
-sharing the same A; vocabulary padding is cut off.
+sharing the same A; vocabulary padding is cut off. Adapters on routed
+experts appear as PEFT's ``target_parameters`` adapters, every expert's factors of a layer packed
+into one ``lora_A`` / ``lora_B`` (:mod:`dist_lora.checkpoint.expert_keys`), gathered over ETP and EP.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from torch import nn
 from dist_lora.adapters.biases import all_trained_biases, trained_biases
 from dist_lora.adapters.model import view
 from dist_lora.adapters.registry import adapter_layers, registry, require_adapter, saved_modules, wrappers
+from dist_lora.checkpoint.expert_keys import pack, peft_expert_key, unpack
 from dist_lora.checkpoint.peft_names import PREFIX, bias_key, join_fused, peft_key, split_fused
 from dist_lora.integrations.deepspeed import gathered, is_partitioned
 from dist_lora.layers.adapter_layer import AdapterLayer
+from dist_lora.layers.expert_linear import ExpertLoraLinear
 from dist_lora.layers.factors import LoraFactors
 from dist_lora.layers.sharding import FactorLayout
 from dist_lora.parallel.collectives import all_gather_object, all_gather_tensors, on_every_rank
@@ -84,13 +88,41 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default", gradient
         return _adapter_state_dict(model, adapter_name, gradients)
 
 
+def _expert_entries(model: nn.Module, parts: dict, targets: list[str]) -> dict[str, torch.Tensor]:
+    """Collective over the expert-parallel group: PEFT's packed tensors of this stage's routed
+    experts from every rank's ``{(parameter, role): {expert: global factor}}``."""
+    seam = view(model)
+    merged: dict = {}
+    for other in all_gather_object(parts, seam.ep_group) if seam.ep_group is not None else [parts]:
+        for key, experts in other.items():
+            merged.setdefault(key, {}).update(experts)
+    out = {}
+    for (param, role), experts in merged.items():
+        count = seam.spec.experts.num_experts
+        if sorted(experts) != list(range(count)):
+            raise RuntimeError(f"{param}: the adapter covers experts {sorted(experts)}, not all {count}")
+        out[peft_expert_key(param, role, targets, seam.spec)] = pack(role, [experts[e] for e in range(count)])
+    return out
+
+
 def _adapter_state_dict(model: nn.Module, adapter_name: str, gradients: bool) -> dict:
     spec = view(model).spec
     out: dict[str, torch.Tensor] = {}
+    experts: dict = {}
     for _, layer in adapter_layers(model):
         for factors in layer.factors_of(adapter_name).values():
-            if not factors.vacant:  # vacant: a hotswapped adapter that does not target this slot
-                out.update(_factor_entries(layer, factors, spec, gradients))
+            if factors.vacant:  # a hotswapped adapter that does not target this slot
+                continue
+            if isinstance(layer, ExpertLoraLinear):
+                for role in ("lora_A", "lora_B"):
+                    value = getattr(factors, role).grad if gradients else getattr(factors, role)
+                    value = factors.held(role, torch.zeros_like(getattr(factors, role)) if value is None else value)
+                    full = _gather(value, factors.layouts()[role], layer.shard.tp_group).clone()
+                    experts.setdefault((factors.slot.hf_names[0], role), {})[layer.expert] = full
+                continue
+            out.update(_factor_entries(layer, factors, spec, gradients))
+    if spec is not None and spec.experts is not None:
+        out.update(_expert_entries(model, experts, require_adapter(model, adapter_name).target_parameters or []))
     for _, module in saved_modules(model):
         if adapter_name in module.copies:
             param = module.copies[adapter_name]
@@ -122,6 +154,19 @@ def _load_biases(model: nn.Module, adapter: str, state: dict, spec) -> set[str]:
     return used
 
 
+def _load_expert(layer: ExpertLoraLinear, factors: LoraFactors, state: dict, targets: list[str], spec) -> list[str]:
+    """This expert's factors from PEFT's packed tensors in ``state``; the keys used."""
+    keys, tensors = [], {}
+    for role in ("lora_A", "lora_B"):
+        key = peft_expert_key(factors.slot.hf_names[0], role, targets, spec)
+        if key not in state:
+            raise KeyError(f"the state dict lacks {key}")
+        tensors[role] = unpack(role, state[key], spec.experts.num_experts, factors.r, key)[layer.expert]
+        keys.append(key)
+    factors.load_global({k: v.to(getattr(factors, k).dtype) for k, v in tensors.items()}, layer.shard)
+    return keys
+
+
 def set_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str = "default") -> None:
     """Shard a whole adapter in PEFT key naming onto this model's layout (any TP / PP / DP).
 
@@ -130,13 +175,16 @@ def set_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ada
     embedding / lm_head weights that PEFT saves with embedding adapters (``*.base_layer.weight``)
     are not adapter tensors and are ignored.
     """
-    require_adapter(model, adapter_name)
+    config = require_adapter(model, adapter_name)
     spec, used = view(model).spec, set()
     with on_every_rank(f"loading adapter {adapter_name!r}"):
         with torch.no_grad(), gathered(adapter_parameters(model), modify=True):
             for _, layer in adapter_layers(model):
                 for factors in layer.factors_of(adapter_name).values():
                     if factors.vacant:
+                        continue
+                    if isinstance(layer, ExpertLoraLinear):
+                        used.update(_load_expert(layer, factors, state, config.target_parameters or [], spec))
                         continue
                     slot, tensors = factors.slot, {}
                     for name in factors.layouts():

@@ -49,6 +49,10 @@ def _check_arguments(adapters, weights, adapter_name, combination_type, svd_rank
         raise ValueError(f"adapter(s) {unknown} do not exist; adapters: {sorted(configs)}")
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; choose a new name or delete it first")
+    experts = [a for a in adapters if configs[a].target_parameters]
+    if experts:
+        raise ValueError(f"adapter(s) {experts} adapt routed experts (target_parameters); add_weighted_adapter does "
+                         f"not combine them (PEFT refuses them too)")
     if not isinstance(weights, (list, tuple)) or len(weights) != len(adapters):
         raise ValueError(f"weights must be a list with one number per adapter ({len(adapters)}), got {weights!r}")
     if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):

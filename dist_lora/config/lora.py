@@ -26,7 +26,7 @@ _UNSUPPORTED_DEFAULTS = {
     "fan_in_fan_out": False, "megatron_config": None, "megatron_core": "megatron.core",
     "trainable_token_indices": None, "corda_config": None, "lora_ga_config": None, "velora_config": None,
     "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
-    "monteclora_config": None, "layer_replication": None, "target_parameters": None, "use_bdlora": None,
+    "monteclora_config": None, "layer_replication": None, "use_bdlora": None,
     "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
 }
 
@@ -52,6 +52,11 @@ class LoraConfig:
             against the whole module name (str), or ``"all-linear"``. Hugging Face names
             (``q_proj``, ...) and Megatron names (``linear_qkv``, ...) are both understood; an HF
             name inside a fused Megatron layer gives a per-projection adapter on that slice.
+        target_parameters: parameter names (exact or ``.``-suffix match, as PEFT): the routed
+            experts of mixture-of-experts models, ``["mlp.experts.gate_up_proj",
+            "mlp.experts.down_proj"]``; every expert gets its own A and B (PEFT packs them as
+            ``lora_A`` [r * E, in], ``lora_B`` [out, r * E]). As in PEFT, ``exclude_modules`` and
+            ``layers_to_transform`` do not apply to them, and ``lora_dropout`` must be 0.
         exclude_modules: names (list) or regex (str) never adapted.
         layers_to_transform / layers_pattern: restrict adaptation to these layer indices.
         rank_pattern / alpha_pattern: per-module ``r`` / ``lora_alpha``, keys matched as PEFT does
@@ -72,6 +77,7 @@ class LoraConfig:
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     target_modules: Optional[Union[list[str], str]] = None
+    target_parameters: Optional[list[str]] = None
     exclude_modules: Optional[Union[list[str], str]] = None
     layers_to_transform: Optional[Union[list[int], int]] = None
     layers_pattern: Optional[Union[list[str], str]] = None
@@ -104,6 +110,8 @@ class LoraConfig:
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = list(self.target_parameters)
         self.eva_config = as_eva_config(self.eva_config)
         if self.init_lora_weights == "eva" and self.eva_config is None:
             self.eva_config = EvaConfig()
@@ -144,6 +152,14 @@ class LoraConfig:
             raise ValueError("layers_pattern cannot be used when target_modules is a regex string")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("layers_pattern needs layers_to_transform")
+        if self.target_parameters is not None and (
+                not isinstance(self.target_parameters, list)
+                or not all(isinstance(t, str) and t for t in self.target_parameters)):
+            raise ValueError(f"target_parameters must be a list of parameter names, got {self.target_parameters!r}")
+        if self.target_parameters and float(self.lora_dropout) > 0:
+            raise ValueError(f"lora_dropout={self.lora_dropout} does not work with target_parameters (as in PEFT: "
+                             f"the dropout of an expert's input cannot be factored out of its weight); set "
+                             f"lora_dropout=0")
 
     def _validate_loftq(self) -> None:
         if not isinstance(self.loftq_config, dict):

@@ -34,6 +34,8 @@ with warnings.catch_warnings():
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.attention import SelfAttention
     from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.moe import moe_utils as _moe_utils
+    from megatron.core.transformer.moe.router import TopKRouter
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
     from megatron.core.transformer.utils import is_layer_window_attention
@@ -53,6 +55,12 @@ if not SUPPORTED[0] <= version() < SUPPORTED[1]:
                   f"supports (>=0.16.1,<0.20; tested: {', '.join(TESTED)}): install one of those if anything fails",
                   UserWarning, stacklevel=2)
 
+# megatron-core 0.16's router gating reads ``te_general_gemm``, which its module defines only when
+# Transformer Engine imports; without it the name is missing (NameError) instead of ``None``, the
+# value that selects its torch fallback. Define it as that fallback, CUDA or not.
+if not hasattr(_moe_utils, "te_general_gemm"):
+    _moe_utils.te_general_gemm = None
+
 __all__ = [
     "SUPPORTED",
     "TESTED",
@@ -66,6 +74,7 @@ __all__ = [
     "RowParallelLinear",
     "SelfAttention",
     "TransformerBlockSubmodules",
+    "TopKRouter",
     "TransformerConfig",
     "VocabParallelEmbedding",
     "get_cuda_rng_tracker",

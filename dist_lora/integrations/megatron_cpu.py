@@ -1,7 +1,7 @@
-"""Megatron-Core without CUDA: the four CUDA assumptions of megatron-core and how we meet them.
+"""Megatron-Core without CUDA: the seven CUDA assumptions of megatron-core and how we meet them.
 
-megatron-core 0.16 runs tensor, sequence, pipeline and data parallelism correctly on CPU with
-the gloo backend once four assumptions are handled. Everything here is a no-op when CUDA is
+megatron-core 0.16 runs tensor, sequence, pipeline, data and expert parallelism correctly on CPU
+with the gloo backend once seven assumptions are handled. Everything here is a no-op when CUDA is
 available (``install()`` returns at once and ``cpu_device_mode()`` is a null context).
 
 1. CUDA is the allocation device: ``torch.cuda.current_device()`` in the tensor-parallel
@@ -29,6 +29,18 @@ available (``install()`` returns at once and ``cpu_device_mode()`` is a null con
    cannot catch them.
    -> ``install()`` makes ``torch.cuda.current_stream()`` return a :class:`NullStream` whose
    waits, records and synchronisation do nothing (CPU work is synchronous).
+6. The all-to-all token dispatcher of mixture-of-experts layers creates a side CUDA stream for
+   its device-to-host copies of the token counts, orders them with stream waits and events, and
+   expects the copies to turn CUDA tensors into numpy split sizes (a host tensor is left a tensor,
+   which ``all_to_all_single`` does not take).
+   -> ``install()`` gives it a host stream whose waits and events do nothing (host work is
+   already in program order), makes it the current stream (so no copy is "on a side stream"), and
+   turns host tensors into numpy arrays where the copy would have.
+7. NCCL all-gathers pieces of different sizes; gloo does not. The all-to-all dispatcher gathers
+   the tokens of an expert-tensor-parallel group (ETP > 1), whose counts differ by rank.
+   -> ``install()`` makes Megatron's uneven first-dimension gather pad every piece to the largest,
+   gather equal pieces, and cut the padding off (the same result; the backward reduce-scatter of
+   uneven pieces works on gloo as it is).
 """
 
 from __future__ import annotations
@@ -109,8 +121,14 @@ def _make_tracker_class():
     return CpuRNGStatesTracker
 
 
+class _HostEvent:
+    def synchronize(self) -> None:
+        """Host work is complete when it returns: nothing to wait for."""
+
+
 class NullStream:
-    """Stand-in for the current CUDA stream on a CPU-only host: every operation is a no-op."""
+    """Stand-in for a CUDA stream on a CPU-only host (assumptions 5 and 6): every operation is a
+    no-op, since host work runs in program order."""
 
     device = torch.device("cpu")
 
@@ -121,13 +139,44 @@ class NullStream:
         return None
 
     def record_event(self, event=None):
-        return event
+        return _HostEvent() if event is None else event
 
     def synchronize(self) -> None:
         return None
 
     def query(self) -> bool:
         return True
+
+
+_HOST_STREAM = NullStream()
+
+
+def _host_copy(copy_to_host):
+    """Megatron's device-to-host copy of the dispatcher's token counts, for host tensors too."""
+
+    def copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return copy_to_host(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    return copy
+
+
+def _padded_uneven_gather(gather):
+    """Megatron's ``_gather_along_first_dim`` with uneven ``output_split_sizes`` on gloo
+    (assumption 7): pieces padded to the largest, gathered evenly, padding cut off."""
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        sizes = None if output_split_sizes is None else [int(n) for n in output_split_sizes]
+        if sizes is None or len(set(sizes)) <= 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        width = max(sizes)
+        padded = input_.new_zeros((width, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        pieces = gather(padded, group).split(width)
+        return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)])
+
+    return gather_along_first_dim
 
 
 def _causal_mask(sq: int) -> torch.Tensor:
@@ -149,7 +198,7 @@ def install() -> None:
     if _installed or cuda_present():
         return
     torch.cuda.current_device = lambda: torch.device("cpu")  # assumption 1
-    torch.cuda.current_stream = lambda device=None: NullStream()  # assumption 5 (megatron-core 0.19)
+    torch.cuda.current_stream = lambda device=None: _HOST_STREAM  # assumptions 5 (megatron-core 0.19) and 6
     from megatron.core.fusions import fused_softmax
 
     fused_softmax.get_default_causal_mask = _causal_mask
@@ -157,6 +206,13 @@ def install() -> None:
     mpu_random = _megatron_random()
     mpu_random._CUDA_RNG_STATE_TRACKER = _make_tracker_class()()  # assumption 2
     mpu_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _HOST_STREAM  # assumption 6
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_copy(token_dispatcher.maybe_move_tensor_to_cpu)
+    from megatron.core.tensor_parallel import mappings
+
+    mappings._gather_along_first_dim = _padded_uneven_gather(mappings._gather_along_first_dim)  # assumption 7
     _installed = True
 
 

@@ -1,7 +1,9 @@
 """Base-layer types -> (wrapper class, ``BaseShard``): one ordered first-match list.
 
 Megatron-Core types come first (they are not ``nn.Linear`` subclasses, but a future one might
-be); plain ``torch.nn`` layers are unsharded (TP = 1).
+be); plain ``torch.nn`` layers are unsharded (TP = 1). The linear layers of routed experts
+(``is_expert``: split over their expert-tensor-parallel group, their data moved by the MoE token
+dispatcher) have a table of their own.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from torch import nn
 
 from dist_lora.integrations.megatron import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from dist_lora.layers.embedding import LoraEmbedding
+from dist_lora.layers.expert_linear import ExpertLoraLinear
 from dist_lora.layers.linear import LoraLinear
 from dist_lora.layers.quantized import QuantizedLinear
 from dist_lora.layers.sharding import BaseShard
@@ -31,6 +34,13 @@ def _row(layer, vocab_size):
     return BaseShard("row", g, group_size(g), group_rank(g), layer.input_size, layer.output_size,
                      sequence_parallel=layer.sequence_parallel, megatron=True,
                      input_is_parallel=layer.input_is_parallel)
+
+
+def _expert(kind: str):
+    def make(layer, vocab_size):
+        g = layer.tp_group  # the expert-tensor-parallel group
+        return BaseShard(kind, g, group_size(g), group_rank(g), layer.input_size, layer.output_size, megatron=True)
+    return make
 
 
 def _vocab(layer, vocab_size):
@@ -64,9 +74,17 @@ DISPATCH: list[tuple[type, type, Callable]] = [
 ]
 
 
+# The linear layers of routed experts (``is_expert``), first match wins.
+EXPERT_DISPATCH: list[tuple[type, type, Callable]] = [
+    (ColumnParallelLinear, ExpertLoraLinear, _expert("column")),
+    (RowParallelLinear, ExpertLoraLinear, _expert("row")),
+]
+
+
 def describe(layer: nn.Module, vocab_size: int | None = None) -> tuple[type, BaseShard]:
     """The wrapper class and shard description of ``layer`` (first match wins)."""
-    for base_type, wrapper, make in DISPATCH:
+    table = EXPERT_DISPATCH if getattr(layer, "is_expert", False) else DISPATCH
+    for base_type, wrapper, make in table:
         if isinstance(layer, base_type):
             return wrapper, make(layer, vocab_size)
     supported = ", ".join(t.__name__ for t, _, _ in DISPATCH)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from dist_lora.integrations.megatron import GPTModel, TransformerBlockSubmodules, TransformerConfig
 from dist_lora.integrations.megatron_cpu import cpu_device_mode, cuda_present
 from dist_lora.models.gemma3 import finish_gemma3, gemma3_layer_spec
-from dist_lora.models.layer_specs import decoder_layer_spec
+from dist_lora.models.layer_specs import decoder_layer_spec, moe_layer_spec
 from dist_lora.models.norm import TorchNorm
 from dist_lora.models.pipeline_layout import megatron_uneven_counts
 from dist_lora.models.spec import SLIDING, ModelSpec
@@ -40,6 +40,7 @@ class Builder(NamedTuple):
 LAYER_SPECS = {
     "decoder": Builder(decoder_layer_spec),
     "gemma3": Builder(gemma3_layer_spec, finish_gemma3),
+    "moe": Builder(moe_layer_spec),
 }
 
 
@@ -54,7 +55,27 @@ def _window(spec: ModelSpec) -> dict:
     return out
 
 
-def transformer_config(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dtype) -> TransformerConfig:
+DISPATCHERS = ("alltoall", "allgather")
+
+
+def _expert_settings(spec: ModelSpec, groups: ParallelGroups, dispatcher: str) -> dict:
+    """Megatron's MoE settings for the family's routing (see :mod:`dist_lora.models.experts`):
+    sequential local experts, no load-balancing term of Megatron's own (the family's auxiliary
+    loss, when trained, is :mod:`dist_lora.models.router_loss`), no token dropping."""
+    experts = spec.experts
+    if experts is None:
+        return {}
+    if dispatcher not in DISPATCHERS:
+        raise ValueError(f"moe_token_dispatcher={dispatcher!r}: use one of {', '.join(DISPATCHERS)}")
+    return dict(num_moe_experts=experts.num_experts, moe_router_topk=experts.top_k,
+                moe_ffn_hidden_size=experts.ffn_hidden_size, moe_router_pre_softmax=not experts.renormalise,
+                moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_token_dispatcher_type=dispatcher,
+                moe_grouped_gemm=False, expert_model_parallel_size=groups.ep_size,
+                expert_tensor_parallel_size=groups.etp_size)
+
+
+def transformer_config(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dtype,
+                       dispatcher: str = "alltoall") -> TransformerConfig:
     """Megatron ``TransformerConfig`` equivalent to the HF config (dropout off, no fusions)."""
     first, last = megatron_uneven_counts(spec.stage_sizes(groups.pp_size))
     return TransformerConfig(
@@ -96,13 +117,15 @@ def transformer_config(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dty
         batch_p2p_comm=False,
         batch_p2p_sync=False,
         **_window(spec),
+        **_expert_settings(spec, groups, dispatcher),
     )
 
 
-def build_gpt(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dtype) -> GPTModel:
+def build_gpt(spec: ModelSpec, groups: ParallelGroups, dtype: torch.dtype, dispatcher: str = "alltoall") -> GPTModel:
     """A ``GPTModel`` with this stage's layers on the local device (``cuda:LOCAL_RANK`` with CUDA,
-    else the CPU); weights are uninitialised until loaded."""
-    config = transformer_config(spec, groups, dtype)
+    else the CPU); weights are uninitialised until loaded. Mixture-of-experts families get
+    Megatron's ``MoELayer`` with ``dispatcher`` routing tokens."""
+    config = transformer_config(spec, groups, dtype, dispatcher)
     builder = LAYER_SPECS[spec.family.layer_spec]
     layer = builder.layer_spec(spec)
     layers = spec.layers_of_stage(groups.pp_rank, groups.pp_size)

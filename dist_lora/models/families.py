@@ -10,6 +10,7 @@ turns the HF tensor(s) into this rank's shard. Layouts (see :mod:`dist_lora.mode
 ``vocab``       split along dim 0 after padding the vocabulary to a multiple of TP
 ``qkv``         q, k, v fused per query group: ``[ng x (nq/ng + 2) x head_dim]`` rows, split by group
 ``glu``         gate and up fused per rank: local ``[gate_i; up_i]`` (partition stride 2)
+``gate_up``     one HF tensor ``[gate; up]`` fused the same way (an expert's ``linear_fc1``)
 
 ``when`` names a feature of the checkpoint that must be present for the entry to apply:
 ``qkv_bias`` (Qwen2), ``untied`` (a separate ``lm_head``) or ``tied`` (the output layer reads
@@ -17,11 +18,22 @@ the embedding). An entry applies on a rank only where the Megatron parameter exi
 stage). A new family is a new table (composed of the pieces below where they fit) and, where
 its layers differ from Megatron's local GPT layer, a layer-spec function named by
 ``Family.layer_spec``.
+
+Mixture-of-experts families name each routed expert's parameters with ``{expert}``, the
+*global* expert index; they are sharded by the layout over the expert-tensor-parallel group (not
+TP) and the entry applies on the expert-parallel rank that holds the expert. Their checkpoints
+exist in two formats: transformers' default ``save_pretrained`` writes the original per-expert
+tensors (``hf``: Mixtral's ``block_sparse_moe.experts.{expert}.w1/w3/w2``), while in memory (and
+with ``save_original_format=False``) a layer's experts are fused 3D tensors [E, ...]
+(``fused``: ``mlp.experts.gate_up_proj`` / ``down_proj``, read one expert slice at a time).
+The fused names are also the ones PEFT's ``target_parameters`` and adapter keys use.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from dist_lora.models.experts import ExpertKeys
 
 
 @dataclass(frozen=True)
@@ -30,10 +42,18 @@ class WeightEntry:
     hf: tuple[str, ...]
     layout: str
     when: str | None = None
+    # transformers' in-memory names and layout where they differ from the checkpoint's (experts):
+    # a routed expert's entry reads slice ``{expert}`` of these fused [E, ...] tensors
+    fused: tuple[tuple[str, ...], str] | None = None
 
     @property
     def per_layer(self) -> bool:
         return "{layer}" in self.megatron
+
+    @property
+    def per_expert(self) -> bool:
+        """A routed expert's parameter: the HF tensors hold every expert, stacked on dim 0."""
+        return "{expert}" in self.megatron
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,8 @@ class Family:
     activation_default: str = "silu"
     tied_default: bool = False  # tie_word_embeddings when config.json leaves it out
     query_pre_attn_scalar_default: float | None = None  # attention scale 1/sqrt(this) (Gemma 3)
+    experts: ExpertKeys | None = None  # mixture-of-experts families: where the config keeps the experts
+    default_targets: tuple[str, ...] | None = ("q_proj", "v_proj")  # PEFT's target_modules=None for the type
     must_be_off: tuple[str, ...] = ()  # config keys whose feature dist_lora does not implement
 
 
@@ -150,7 +172,42 @@ GEMMA3 = Family(
     must_be_off=("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention"),
 )
 
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3)
+_EXPERT = _M + "mlp.experts.local_experts.{expert}."
+
+
+def _moe_mlp(block: str, gate: str, up: str, down: str) -> tuple[WeightEntry, ...]:
+    """The router and routed experts of a checkpoint that keeps them under ``block`` with
+    per-expert projections ``gate`` / ``up`` / ``down`` (fused in memory as ``mlp.experts``)."""
+    on_disk = _L + block + ".experts.{expert}."
+    return (
+        WeightEntry(_M + "mlp.router.weight", (_L + block + ".gate.weight",), "replicated",
+                    fused=((_L + "mlp.gate.weight",), "replicated")),
+        WeightEntry(_EXPERT + "linear_fc1.weight", (on_disk + gate + ".weight", on_disk + up + ".weight"), "glu",
+                    fused=((_L + "mlp.experts.gate_up_proj",), "gate_up")),
+        WeightEntry(_EXPERT + "linear_fc2.weight", (on_disk + down + ".weight",), "row",
+                    fused=((_L + "mlp.experts.down_proj",), "row")),
+    )
+
+
+# A mixture-of-experts decoder: the dense MLP replaced by the router and the routed experts.
+def _moe_decoder(attention: tuple[WeightEntry, ...], moe: tuple[WeightEntry, ...]) -> tuple[WeightEntry, ...]:
+    return EMBEDDING + INPUT_NORM + attention + PRE_MLP_NORM + moe + OUTPUT
+
+
+MIXTRAL = Family("mixtral", ("mixtral",), _moe_decoder(ATTENTION, _moe_mlp("block_sparse_moe", "w1", "w3", "w2")),
+                 layer_spec="moe", sliding_window_key="sliding_window",
+                 experts=ExpertKeys(count=("num_local_experts",), ffn="intermediate_size"))
+# Qwen3-MoE: Qwen3's attention (q / k norms, no q/k/v bias, head_dim its own key) and routed
+# experts whose top-k weights are renormalised only with norm_topk_prob; PEFT has no default
+# target_modules for it.
+QWEN3_MOE = Family("qwen3_moe", ("qwen3_moe",),
+                   _moe_decoder(ATTENTION + QK_NORM, _moe_mlp("mlp", "gate_proj", "up_proj", "down_proj")),
+                   experts=ExpertKeys(count=("num_experts", "num_local_experts"), ffn="moe_intermediate_size",
+                                      normalise="norm_topk_prob"),
+                   layer_spec="moe", default_targets=None, qk_norm=True, sliding_window_key="sliding_window",
+                   sliding_window_switch="use_sliding_window")  # the window, when on, on every layer
+
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA3, MIXTRAL, QWEN3_MOE)
 
 
 def family_for(model_type: str | None) -> Family:

@@ -82,16 +82,26 @@ class HFCheckpoint:
         return self._slice(name).get_dtype()
 
     def read(self, name: str, rows: tuple[int, int] | None = None,
-             cols: tuple[int, int] | None = None) -> torch.Tensor:
-        """Tensor ``name`` restricted to ``rows`` (dim 0) and / or ``cols`` (dim 1)."""
+             cols: tuple[int, int] | None = None, expert: int | None = None) -> torch.Tensor:
+        """Tensor ``name`` restricted to ``rows`` (dim 0) and / or ``cols`` (dim 1); with
+        ``expert``, of the fused experts tensor [E, ...] the expert's matrix ``[expert]``, whose
+        dims 0 and 1 are then the tensor's dims 1 and 2."""
         piece = self._slice(name)
         index = (slice(*rows) if rows else slice(None),)
         if cols:
             index = index + (slice(*cols),)
+        if expert is not None:
+            experts = piece.get_shape()[0]
+            if not 0 <= expert < experts:
+                raise ValueError(f"{name!r} in {self.dir} holds {experts} experts, not expert {expert}: the weights "
+                                 f"do not match config.json")
+            index = (slice(expert, expert + 1),) + index
         try:
             tensor = piece[index]
         except SafetensorError as err:
             raise ValueError(f"cannot read {name!r} from {self.dir}: {err}") from err
+        if expert is not None:
+            tensor = tensor[0]
         self.bytes_read += tensor.numel() * _DTYPE_BYTES.get(piece.get_dtype(), tensor.element_size())
         return tensor
 

@@ -9,7 +9,8 @@ window follow the layer's global index under any pipeline layout).
 The pieces are separate so that families can share them: :func:`with_attention_norms` puts
 dist_lora's norms (and, for Qwen3 / Gemma 3, the per-head q / k norms over ``head_dim``) into any
 Megatron local layer spec, dense or mixture-of-experts; :func:`decoder_layer_spec` is the dense
-Llama / Mistral / Qwen2 / Qwen3 layer.
+Llama / Mistral / Qwen2 / Qwen3 layer; :func:`moe_layer_spec` the same layer with Megatron's
+``MoELayer`` (router and sequential local experts) in place of the MLP (Mixtral, Qwen3-MoE).
 """
 
 from __future__ import annotations
@@ -41,3 +42,9 @@ def local_layer_spec(spec: ModelSpec, **megatron_options) -> ModuleSpec:
 def decoder_layer_spec(spec: ModelSpec) -> ModuleSpec:
     """The dense pre-norm decoder layer: attention, then a gated MLP."""
     return local_layer_spec(spec)
+
+
+def moe_layer_spec(spec: ModelSpec) -> ModuleSpec:
+    """The pre-norm decoder layer with routed experts (``spec.experts``) instead of the dense MLP:
+    Megatron's ``MoELayer`` with its ``SequentialMLP`` of local experts (no grouped GEMM)."""
+    return local_layer_spec(spec, num_experts=spec.experts.num_experts, moe_grouped_gemm=False)

@@ -19,7 +19,11 @@ row             ``w`` [out, in]                   columns ``i*in/p : (i+1)*in/p`
 vocab           ``w`` [V, h]                      rows ``i*V'/p : (i+1)*V'/p``, zero padding
 qkv             q [nq*d,.], k [ng*d,.], v [ng*d,.] groups ``i*ng/p ..``, each ``[q_g; k_g; v_g]``
 glu             gate [f, h], up [f, h]            ``[gate_i; up_i]``, each ``f/p`` rows
+gate_up         ``[gate; up]`` [2f, h]            ``[gate_i; up_i]``, each ``f/p`` rows
 ==============  ================================  =========================================
+
+A routed expert's tensors are one expert's matrices of the fused [E, ...] HF tensors: read them
+through :class:`ExpertSlice`, with ``p`` and ``i`` the expert-tensor-parallel size and rank.
 """
 
 from __future__ import annotations
@@ -36,6 +40,20 @@ class SliceReader(Protocol):
              cols: tuple[int, int] | None = None) -> torch.Tensor: ...
 
     def shape(self, name: str) -> tuple[int, ...]: ...
+
+
+class ExpertSlice:
+    """Expert ``expert`` of a reader's fused [E, out, in] tensors, seen as [out, in] tensors."""
+
+    def __init__(self, reader, expert: int):
+        self.reader, self.expert = reader, expert
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.reader.shape(name)[1:])
+
+    def read(self, name: str, rows: tuple[int, int] | None = None,
+             cols: tuple[int, int] | None = None) -> torch.Tensor:
+        return self.reader.read(name, rows, cols, expert=self.expert)
 
 
 def _span(total: int, parts: int, index: int) -> tuple[int, int]:
@@ -120,6 +138,17 @@ def _unshard_glu(shards, spec):
     return [torch.cat([h[0] for h in halves], 0), torch.cat([h[1] for h in halves], 0)]
 
 
+def _read_gate_up(reader, names, spec, tp, rank):
+    half = reader.shape(names[0])[0] // 2
+    start, stop = _span(half, tp, rank)
+    gate = reader.read(names[0], rows=(start, stop))
+    return torch.cat([gate, reader.read(names[0], rows=(half + start, half + stop))])
+
+
+def _unshard_gate_up(shards, spec):
+    return [torch.cat(_unshard_glu(shards, spec), 0)]
+
+
 # name -> (read_local, unshard, partition dim of the Megatron tensor or None, partition stride)
 LAYOUTS = {
     "replicated": (_read_replicated, _unshard_replicated, None, 1),
@@ -128,6 +157,7 @@ LAYOUTS = {
     "vocab": (_read_vocab, _unshard_vocab, 0, 1),
     "qkv": (_read_qkv, _unshard_qkv, 0, 1),
     "glu": (_read_glu, _unshard_glu, 0, 2),
+    "gate_up": (_read_gate_up, _unshard_gate_up, 0, 2),
 }
 
 

@@ -18,22 +18,34 @@ class BoundEntry:
     hf_names: tuple[str, ...]
     layout: str
     entry: WeightEntry
+    expert: int | None = None  # a routed expert's global index
+    layer: int | None = None  # the global layer index
+
+    def fused_source(self) -> tuple[tuple[str, ...], str]:
+        """transformers' fused (in-memory format) names and layout of this entry: for a routed
+        expert, the [E, ...] tensors of which it is slice ``expert``."""
+        names, layout = self.entry.fused
+        return tuple(n.format(layer=self.layer) for n in names), layout
 
 
-def bind(spec: ModelSpec, params: dict[str, torch.nn.Parameter], pp_rank: int, pp_size: int) -> list[BoundEntry]:
-    """Entries for the parameters present in ``params`` (this rank's stage), in table order."""
+def bind(spec: ModelSpec, params: dict[str, torch.nn.Parameter], pp_rank: int, pp_size: int,
+         ep_rank: int = 0, ep_size: int = 1) -> list[BoundEntry]:
+    """Entries for the parameters present in ``params`` (this rank's stage and, for routed experts,
+    its expert-parallel rank's experts), in table order."""
     layers = spec.layers_of_stage(pp_rank, pp_size)
+    experts = spec.experts.local_experts(ep_size, ep_rank) if spec.experts is not None else range(0)
     bound = []
     for entry in spec.family.weights:
         if entry.when is not None and entry.when not in spec.features:
             continue
-        pairs = ([(entry.megatron.format(layer=g - layers.start), g) for g in layers]
-                 if entry.per_layer else [(entry.megatron, None)])
-        for local, global_layer in pairs:
-            if local not in params:
-                continue
-            hf = tuple(n.format(layer=global_layer) for n in entry.hf)
-            bound.append(BoundEntry(local, hf, entry.layout, entry))
+        for g in (layers if entry.per_layer else [None]):
+            local_layer = None if g is None else g - layers.start
+            for e in (experts if entry.per_expert else [None]):
+                local_expert = None if e is None else e - experts.start
+                local = entry.megatron.format(layer=local_layer, expert=local_expert)
+                if local in params:
+                    hf = tuple(n.format(layer=g, expert=e) for n in entry.hf)
+                    bound.append(BoundEntry(local, hf, entry.layout, entry, e, g))
     return bound
 
 

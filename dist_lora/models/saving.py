@@ -2,7 +2,8 @@
 
 Tensors are gathered one at a time over TP to TP rank 0 of data-parallel replica 0 of each
 pipeline stage, which writes them into safetensors files of at most ``max_shard_size`` bytes,
-so a writer holds at most one output file's tensors. Everything is written to a temporary
+so a writer holds at most one output file's tensors. A layer's routed experts travel together,
+over ETP and then EP, to the same writer (:mod:`dist_lora.models.expert_tensors`). Everything is written to a temporary
 directory next to ``path`` and renamed into place at the end: a failed save leaves no partial
 checkpoint behind and an existing one untouched.
 """
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from dist_lora.checkpoint.atomic import check_target, publish, temporary_sibling
+from dist_lora.models.expert_tensors import expert_meta, expert_units, gather_experts
 from dist_lora.models.hf_checkpoint import INDEX, SIDE_FILES, SINGLE
 from dist_lora.models.layouts import unshard
 from dist_lora.models.loading import model_info
@@ -63,12 +65,17 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_size: in
         check_target(path, overwrite)
 
     params = dict(model.named_parameters())
-    bound = [b for b in bind(spec, params, groups.pp_rank, groups.pp_size) if b.entry.when != "tied"]
+    bound = [b for b in bind(spec, params, groups.pp_rank, groups.pp_size, groups.ep_rank, groups.ep_size)
+             if b.entry.when != "tied"]
+    units = expert_units(bound)  # dense entries one by one; a layer's routed experts together
     meta = []
-    for item in bound:
-        shard = torch.empty(params[item.local_name].shape, device="meta")
-        fulls = unshard(item.layout, [shard] * groups.tp_size, spec)
-        meta += [(n, t.numel() * params[item.local_name].element_size()) for n, t in zip(item.hf_names, fulls)]
+    for unit in units:
+        if isinstance(unit, list):
+            meta += expert_meta(unit, params, spec, groups)
+            continue
+        shard = torch.empty(params[unit.local_name].shape, device="meta")
+        fulls = unshard(unit.layout, [shard] * groups.tp_size, spec)
+        meta += [(n, t.numel() * params[unit.local_name].element_size()) for n, t in zip(unit.hf_names, fulls)]
     writer = groups.tp_rank == 0 and groups.dp_rank == 0
     everyone = all_gather_object((groups.pp_rank, writer, meta))
     stages = [next(m for pp, w, m in everyone if pp == s and w) for s in range(groups.pp_size)]
@@ -82,20 +89,23 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_size: in
     error = None
     pending: dict[str, torch.Tensor] = {}
     mine = [t for t, _ in meta]
-    if groups.dp_rank == 0:
-        for item in bound:
-            gathered = gather_to(params[item.local_name].detach(), 0, groups.tp_group)
-            if gathered is None:
-                continue
-            pending.update(zip(item.hf_names, unshard(item.layout, gathered, spec)))
-            for file in dict.fromkeys(owner[n] for n in item.hf_names):
-                members = [t for t in mine if owner[t] == file]
-                if error is None and all(t in pending for t in members):
-                    try:
-                        save_file({t: pending.pop(t).contiguous() for t in members}, str(tmp / file),
-                                  metadata={"format": "pt"})
-                    except OSError as err:
-                        error = err
+    for unit in units:
+        if isinstance(unit, list):  # every expert's replica 0 takes part, whatever its dense DP rank
+            produced = gather_experts(unit, params, spec, groups)
+        elif groups.dp_rank == 0:
+            gathered = gather_to(params[unit.local_name].detach(), 0, groups.tp_group)
+            produced = {} if gathered is None else dict(zip(unit.hf_names, unshard(unit.layout, gathered, spec)))
+        else:
+            continue
+        pending.update(produced)
+        for file in dict.fromkeys(owner[n] for n in produced):
+            members = [t for t in mine if owner[t] == file]
+            if error is None and all(t in pending for t in members):
+                try:
+                    save_file({t: pending.pop(t).contiguous() for t in members}, str(tmp / file),
+                              metadata={"format": "pt"})
+                except OSError as err:
+                    error = err
     barrier()
     if groups.rank == 0 and error is None:
         try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dist_lora.models.experts import ExpertSpec, expert_spec
 from dist_lora.models.families import Family, family_for
 from dist_lora.models.pipeline_layout import stage_range, stage_sizes
 
@@ -24,7 +25,8 @@ SLIDING, FULL = "sliding_attention", "full_attention"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Shapes and options of one decoder model (Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 layout)."""
+    """Shapes and options of one decoder model (Llama / Mistral / Qwen2 / Qwen3 / Gemma 3 layout, or
+    Mixtral / Qwen3-MoE with routed experts: ``experts``)."""
 
     family: Family
     hf_config: dict = field(repr=False, compare=False)
@@ -42,6 +44,7 @@ class ModelSpec:
     norm_eps: float
     max_positions: int
     sliding_window: int | None
+    experts: ExpertSpec | None = None  # the routed experts of a mixture-of-experts family
     # per layer: "sliding_attention" or "full_attention" (``None``: the window, if any, on every layer)
     layer_types: tuple[str, ...] | None = None
     local_rope_theta: float | None = None  # RoPE base of the sliding-window layers (Gemma 3)
@@ -68,15 +71,19 @@ class ModelSpec:
         """This spec with the first / last pipeline stage holding the given layer counts."""
         return dataclasses.replace(self, first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers)
 
+    def _tp_split(self) -> tuple[tuple[int, str], ...]:
+        """The dimensions TP splits (routed experts are split by ETP, not TP)."""
+        out = ((self.num_heads, "num_attention_heads"), (self.num_kv_heads, "num_key_value_heads"))
+        return out if self.experts is not None else out + ((self.ffn_hidden_size, "intermediate_size"),)
+
     def valid_tp_sizes(self) -> list[int]:
-        g = math.gcd(self.num_heads, self.num_kv_heads, self.ffn_hidden_size)
+        g = math.gcd(*(value for value, _ in self._tp_split()))
         return [t for t in range(1, g + 1) if g % t == 0]
 
     def check_layout(self, tp_size: int, pp_size: int) -> None:
         """Raise ``ValueError`` naming the setting that a TP / PP size or stage layout breaks."""
         valid = ", ".join(map(str, self.valid_tp_sizes()))
-        for value, name in ((self.num_heads, "num_attention_heads"), (self.num_kv_heads, "num_key_value_heads"),
-                            (self.ffn_hidden_size, "intermediate_size")):
+        for value, name in self._tp_split():
             if value % tp_size:
                 raise ValueError(
                     f"tensor_parallel={tp_size} does not divide {name}={value}; "
@@ -223,6 +230,7 @@ def spec_from_config(config: dict[str, Any]) -> ModelSpec:
         norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         max_positions=int(config.get("max_position_embeddings", 4096)),
         sliding_window=window,
+        experts=expert_spec(config, family.experts) if family.experts is not None else None,
         layer_types=types if types is not None and FULL in types else None,
         local_rope_theta=local_theta if window is not None else None,
         softmax_scale=None if scalar is None else float(scalar) ** -0.5,

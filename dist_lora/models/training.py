@@ -6,7 +6,8 @@ collectives, and the padding rows of the vocabulary are masked to -inf so they n
 ``forward_backward`` runs micro-batches (through Megatron's pipeline schedule when PP > 1) and
 returns the token-mean loss of the global batch on every rank; ``finalize_grads`` averages
 gradients over data-parallel ranks and sums the partial gradients of sequence-parallel
-parameters over TP.
+parameters over TP. Mixture-of-experts
+models can add their family's auxiliary load-balancing loss (:mod:`dist_lora.models.router_loss`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dist_lora.integrations.megatron import (
 )
 from dist_lora.integrations.megatron_cpu import cpu_device_mode
 from dist_lora.models.loading import model_info
+from dist_lora.models.router_loss import MicroBatchRouting, RouterLossGradients, RouterStatistics
 from dist_lora.parallel.collectives import all_reduce_, broadcast_, reduce_from_group
 from dist_lora.parallel.device import collective_device, module_device
 
@@ -65,9 +67,63 @@ def _chunks(tensor: torch.Tensor | None, n: int) -> list:
     return [None] * n if tensor is None else list(tensor.chunk(n))
 
 
+def _aux_coefficient(spec, groups, router_aux_loss: bool | None) -> float | None:
+    """The auxiliary loss's coefficient when it is on, else ``None``."""
+    experts = spec.experts
+    on = (experts is not None and experts.aux_loss) if router_aux_loss is None else router_aux_loss
+    if not on:
+        return None
+    if experts is None:
+        raise ValueError(f"router_aux_loss=True needs a mixture-of-experts model; {spec.family.name} has no router")
+    return experts.aux_loss_coef
+
+
+def _micro_batch_loss(model, ids, positions, mask, labels, spec, groups,
+                      coefficient: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch at PP = 1: (summed token loss, ``coefficient`` times its auxiliary loss,
+    zero when off)."""
+    if coefficient is None:
+        return (_summed_loss(model(ids, positions, attention_mask=mask), labels, spec, groups),
+                torch.zeros((), device=ids.device))
+    with RouterStatistics(model, spec.experts.num_experts, groups.tp_group) as routing:
+        out = model(ids, positions, attention_mask=mask)
+    return _summed_loss(out, labels, spec, groups), coefficient * routing.loss()
+
+
+def _pipeline(model, micro: list, spec, groups, scale: float, seq: int, forward_only: bool,
+              routing=None) -> list[torch.Tensor]:
+    """Megatron's pipeline schedule over the micro-batches ``micro``; the summed token loss of
+    each (on the last stage; empty elsewhere). ``routing.micro`` is set to each micro-batch's
+    index before its forward."""
+    batches = iter(enumerate(micro))
+    sums = []
+
+    def forward_step(_iterator, chunk):
+        index, (ids, lab, pos, mask) = next(batches)
+        if routing is not None:
+            routing.micro = index
+        out = chunk(ids, pos, attention_mask=mask)
+
+        def loss_func(output):
+            summed = _summed_loss(output, lab, spec, groups)
+            sums.append(summed.detach().clone())
+            # Megatron's schedule divides a (loss, dict) result by num_microbatches: undo it
+            return summed * (scale * len(micro)), {"loss": summed.detach()}
+
+        return out, loss_func
+
+    batch = sum(ids.shape[0] for ids, *_ in micro)
+    with cpu_device_mode():
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([None] * len(micro)), model=[model],
+            num_microbatches=len(micro), seq_length=seq, micro_batch_size=batch // len(micro),
+            forward_only=forward_only)
+    return sums
+
+
 def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_microbatches: int = 1,
                      forward_only: bool = False, position_ids: torch.Tensor | None = None,
-                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     attention_mask: torch.Tensor | None = None, router_aux_loss: bool | None = None) -> torch.Tensor:
     """Token-mean loss of the global batch, on every rank, on the model's device; gradients of
     that mean are accumulated into ``.grad`` (or DDP's buckets) unless ``forward_only``.
 
@@ -83,6 +139,14 @@ def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_m
     bool (True = may not attend, Megatron's convention) replaces the causal mask, e.g. a
     block-diagonal causal mask for packed documents (refused for sliding-window models, whose
     attention builds its own window mask and would ignore it).
+
+    ``router_aux_loss`` (mixture-of-experts models): add ``router_aux_loss_coef`` times the
+    family's load-balancing loss, as transformers does with ``output_router_logits=True``;
+    ``None`` follows the model's ``config.json`` (``output_router_logits``). That loss is not a
+    token mean: each micro-batch's is the one a single device computes on that micro-batch, and
+    the step's is their mean over micro-batches and data-parallel ranks (what averaging the
+    replicas' ``loss + coef * aux`` gives). With pipeline parallelism it costs one extra
+    forward-only pass per step (:mod:`dist_lora.models.router_loss`).
     """
     info = model_info(model)
     groups, spec = info.groups, info.spec
@@ -91,6 +155,7 @@ def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_m
         raise ValueError(f"batch size {batch} does not split into {num_microbatches} micro-batches")
     if groups.sequence_parallel and seq % groups.tp_size:
         raise ValueError(f"sequence length {seq} must be divisible by the TP size {groups.tp_size} with SP")
+    coefficient = _aux_coefficient(spec, groups, router_aux_loss)
     if attention_mask is not None and spec.sliding_window is not None:
         raise ValueError("an attention_mask cannot be combined with a sliding-window model: Megatron's local "
                          "attention replaces it with its window mask (documents would see each other)")
@@ -103,36 +168,37 @@ def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_m
     attention_mask = None if attention_mask is None else attention_mask.to(device)
     micro = list(zip(input_ids.chunk(num_microbatches), labels.chunk(num_microbatches),
                      position_ids.chunk(num_microbatches), _chunks(attention_mask, num_microbatches)))
+    aux_total = torch.zeros((), device=device)  # sum over micro-batches of coefficient * aux / num_microbatches
     if groups.pp_size == 1:
         total = torch.zeros((), device=device)
         for ids, lab, pos, mask in micro:
-            summed = _summed_loss(model(ids, pos, attention_mask=mask), lab, spec, groups)
+            summed, aux = _micro_batch_loss(model, ids, pos, mask, lab, spec, groups, coefficient)
+            aux = aux / num_microbatches
             if not forward_only:
-                (summed * scale).backward()
+                (summed * scale + aux).backward()
             total += summed.detach()
+            aux_total += aux.detach()
     else:
-        batches = iter(micro)
-        sums = []
-
-        def forward_step(_iterator, chunk):
-            ids, lab, pos, mask = next(batches)
-            out = chunk(ids, pos, attention_mask=mask)
-
-            def loss_func(output):
-                summed = _summed_loss(output, lab, spec, groups)
-                sums.append(summed.detach().clone())
-                # Megatron's schedule divides a (loss, dict) result by num_microbatches: undo it
-                return summed * (scale * num_microbatches), {"loss": summed.detach()}
-
-            return out, loss_func
-
-        with cpu_device_mode():
-            get_forward_backward_func()(
-                forward_step_func=forward_step, data_iterator=iter([None] * num_microbatches), model=[model],
-                num_microbatches=num_microbatches, seq_length=seq, micro_batch_size=batch // num_microbatches,
-                forward_only=forward_only)
+        routing = None
+        if coefficient is not None:  # a forward-only pass first: every layer's routing counts
+            routing = MicroBatchRouting(model, spec.experts.num_experts, num_microbatches)
+            with routing:
+                sums = _pipeline(model, micro, spec, groups, scale, seq, True, routing)
+            aux, grads = routing.losses(groups.tp_group, groups.pp_group)
+            aux_total = coefficient * aux.sum() / num_microbatches
+        if routing is None or not forward_only:
+            if routing is None:
+                sums = _pipeline(model, micro, spec, groups, scale, seq, forward_only)
+            else:
+                with RouterLossGradients(model, grads, coefficient / num_microbatches) as attached:
+                    sums = _pipeline(model, micro, spec, groups, scale, seq, False, attached)
         total = torch.stack(sums).sum() if sums else torch.zeros((), device=device)
         total = broadcast_(total.clone(), groups.pp_size - 1, groups.pp_group)
+    if coefficient is not None:  # the auxiliary term: its mean over the DP replicas
+        both = torch.stack([total * scale, aux_total])
+        if groups.dp_size > 1:
+            both = all_reduce_(both, groups.dp_group)
+        return (both[0] + both[1]) / groups.dp_size
     if groups.dp_size > 1:
         total = all_reduce_(total.clone(), groups.dp_group)
     return total * (scale / groups.dp_size)
@@ -158,7 +224,12 @@ def finalize_grads(model) -> None:
     """Average trainable gradients over data-parallel ranks (Megatron DDP's buckets when
     :func:`use_megatron_ddp` is on, else one all-reduce per tensor); sum sequence-parallel
     partial gradients (norm weights, row-parallel biases) over TP. Call after backward, before
-    the step; the gradients are then in ``.grad`` (and DDP's buffers are cleared)."""
+    the step; the gradients are then in ``.grad`` (and DDP's buffers are cleared).
+
+    A routed expert's parameters (Megatron's mark: ``allreduce = False``) saw the tokens of every
+    rank that routed to it, so its gradient is already a sum over part of the dense DP group: it
+    is summed over the expert's replicas (the expert-data-parallel group) and divided by the dense
+    DP size, as Megatron-Core's DDP does for expert buffers."""
     info = model_info(model)
     groups, ddp = info.groups, info.ddp
     bucketed = set()
@@ -174,7 +245,14 @@ def finalize_grads(model) -> None:
             continue
         if groups.sequence_parallel and getattr(param, "sequence_parallel", False):
             all_reduce_(param.grad, groups.tp_group)
-        if groups.dp_size > 1 and id(param) not in bucketed:
+        if id(param) in bucketed:
+            continue
+        if not getattr(param, "allreduce", True):  # a routed expert's: summed over its replicas
+            if groups.edp_size > 1:
+                all_reduce_(param.grad, groups.edp_group)
+            if groups.dp_size > 1:
+                param.grad.div_(groups.dp_size)
+        elif groups.dp_size > 1:
             all_reduce_(param.grad, groups.dp_group)
             param.grad.div_(groups.dp_size)
 
@@ -185,7 +263,10 @@ def clip_grad_norm(model, max_norm: float) -> float:
     The norm is over the *global* parameters: a tensor split over TP counts every shard, a tensor
     replicated over TP (LoRA A of column layers, B of row layers, unsplit biases) counts once,
     and the squares are summed over the model-parallel group (TP x PP). Data-parallel replicas
-    hold equal gradients after ``finalize_grads`` and are not summed.
+    hold equal gradients after ``finalize_grads`` and are not summed. A routed expert's tensors
+    (``allreduce = False``) are split over EP and, like a dense layer's over TP, split or
+    replicated over ETP: their squares are summed over the expert-model-parallel group
+    (ETP x EP x PP) instead.
     """
     groups = model_info(model).groups
     split = {id(p) for p in model.parameters() if getattr(p, "tensor_model_parallel", False)}
@@ -197,15 +278,21 @@ def clip_grad_norm(model, max_norm: float) -> float:
     for _, module in saved_modules(model):
         if module.layout.dim is not None:
             split.update(id(p) for p in module.copies.values())
-    total, grads = torch.zeros((), device=module_device(model)), []
+    device = module_device(model)
+    dense, experts, grads = torch.zeros((), device=device), torch.zeros((), device=device), []
     for param in model.parameters():
         if not param.requires_grad or param.grad is None:
             continue
         grads.append(param.grad)
-        if id(param) in split or groups.tp_rank == 0:
-            total += param.grad.float().pow(2).sum()
-    all_reduce_(total, groups.model_parallel_group)
-    norm = total.sqrt().item()
+        if getattr(param, "allreduce", True):
+            if id(param) in split or groups.tp_rank == 0:
+                dense += param.grad.float().pow(2).sum()
+        elif id(param) in split or groups.etp_rank == 0:
+            experts += param.grad.float().pow(2).sum()
+    all_reduce_(dense, groups.model_parallel_group)
+    if groups.expert_model_parallel_group is not None:
+        all_reduce_(experts, groups.expert_model_parallel_group)
+    norm = (dense + experts).sqrt().item()
     if max_norm > 0 and norm > max_norm:
         for grad in grads:
             grad.mul_(max_norm / (norm + 1e-6))

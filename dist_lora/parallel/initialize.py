@@ -30,8 +30,10 @@ def current_groups() -> ParallelGroups:
     return _current
 
 
-def _validate(world: int, tensor_parallel: int, pipeline_parallel: int, sequence_parallel: bool) -> None:
-    for name, value in (("tensor_parallel", tensor_parallel), ("pipeline_parallel", pipeline_parallel)):
+def _validate(world: int, tensor_parallel: int, pipeline_parallel: int, sequence_parallel: bool,
+              expert_parallel: int = 1, expert_tensor_parallel: int = 1) -> None:
+    for name, value in (("tensor_parallel", tensor_parallel), ("pipeline_parallel", pipeline_parallel),
+                        ("expert_parallel", expert_parallel), ("expert_tensor_parallel", expert_tensor_parallel)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if world % (tensor_parallel * pipeline_parallel):
@@ -42,6 +44,13 @@ def _validate(world: int, tensor_parallel: int, pipeline_parallel: int, sequence
         )
     if sequence_parallel and tensor_parallel == 1:
         raise ValueError("sequence_parallel=True needs tensor_parallel > 1 (it shards the sequence over TP)")
+    experts, stage = expert_parallel * expert_tensor_parallel, world // pipeline_parallel
+    if stage % experts:
+        raise ValueError(
+            f"the {stage} ranks of a pipeline stage do not split into expert_parallel x expert_tensor_parallel = "
+            f"{expert_parallel} x {expert_tensor_parallel} (Megatron lays each stage's ranks out as etp x ep x "
+            f"expert-data-parallel); choose sizes whose product divides {stage}"
+        )
 
 
 def _default_group_timeout(timeout: datetime.timedelta | None) -> None:
@@ -79,6 +88,8 @@ def initialize(
     seed: int = 1234,
     timeout_s: float | None = None,
     backend: str | None = None,
+    expert_parallel: int = 1,
+    expert_tensor_parallel: int = 1,
 ) -> ParallelGroups:
     """Initialise torch.distributed and Megatron's parallel state; return the groups.
 
@@ -98,13 +109,18 @@ def initialize(
     problems (a name that does not resolve, a port in use, an inconsistent Slurm environment) raise
     :class:`~dist_lora.parallel.launch_env.LaunchError` before any wait; see
     :mod:`dist_lora.parallel.rendezvous`.
+
+    ``expert_parallel`` (EP) and ``expert_tensor_parallel`` (ETP) lay out the experts of
+    mixture-of-experts layers (see :class:`ParallelGroups`): each stage's ranks are
+    ``etp x ep x edp``. ETP defaults to 1 (Megatron-Core's own default is the TP size).
     """
     global _current
 
     timeout = float(timeout_s or os.environ.get("DIST_LORA_TIMEOUT_S", DEFAULT_TIMEOUT_S))
     if not dist.is_initialized():
         env = detect()
-        _validate(env.world_size, tensor_parallel, pipeline_parallel, sequence_parallel)
+        _validate(env.world_size, tensor_parallel, pipeline_parallel, sequence_parallel, expert_parallel,
+                  expert_tensor_parallel)
         chosen = choose_backend(backend)  # device / backend selection: dist_lora.parallel.device
         check_gpus(chosen, env.local_rank, tensor_parallel, pipeline_parallel)
         if torch.cuda.is_available():  # nccl: one GPU per local rank (checked); gloo may share one
@@ -112,7 +128,8 @@ def initialize(
         address = _start(env, chosen, timeout)
         launcher, local_rank = env.launcher, env.local_rank
     else:
-        _validate(dist.get_world_size(), tensor_parallel, pipeline_parallel, sequence_parallel)
+        _validate(dist.get_world_size(), tensor_parallel, pipeline_parallel, sequence_parallel, expert_parallel,
+                  expert_tensor_parallel)
         launcher = "external"
         local_rank = _current.local_rank if _current is not None else int(os.environ.get("LOCAL_RANK", 0))
         address = None
@@ -126,10 +143,14 @@ def initialize(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
         create_gloo_process_groups=False,
         distributed_timeout_minutes=timeout / 60,  # Megatron's groups would otherwise wait 30 minutes
     )
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
     reseed(seed)
 
     _current = ParallelGroups(
@@ -151,6 +172,15 @@ def initialize(
         dp_group=parallel_state.get_data_parallel_group(),
         model_parallel_group=parallel_state.get_model_parallel_group(),
         embedding_group=parallel_state.get_embedding_group(check_initialized=False),
+        ep_size=expert_parallel,
+        etp_size=expert_tensor_parallel,
+        ep_rank=ep_rank,
+        etp_rank=etp_rank,
+        edp_rank=parallel_state.get_expert_data_parallel_rank(),
+        ep_group=parallel_state.get_expert_model_parallel_group(),
+        etp_group=parallel_state.get_expert_tensor_parallel_group(),
+        edp_group=parallel_state.get_expert_data_parallel_group(),
+        expert_model_parallel_group=parallel_state.get_expert_tensor_model_pipeline_parallel_group(),
     )
     return _current
 
@@ -158,12 +188,15 @@ def initialize(
 def reseed(seed: int) -> None:
     """Seed every random stream of training as :func:`initialize` does: the default generator
     (equal on every rank) and Megatron's RNG tracker, whose model-parallel state (``seed + 2718 +
-    tp_rank``) draws attention dropout and the LoRA dropout of TP-split inputs. Use it to repeat
+    tp_rank``) draws attention dropout and the LoRA dropout of TP-split inputs, its expert state
+    (``seed + 1024 + 100 * ep_rank + etp_rank``) the experts'. Use it to repeat
     a run in the same processes; Megatron's parallel state must be initialised."""
     if megatron_cpu.cuda_present():
         model_parallel_cuda_manual_seed(seed)
     else:
-        megatron_cpu.seed_model_parallel(seed, parallel_state.get_tensor_model_parallel_rank())
+        megatron_cpu.seed_model_parallel(seed, parallel_state.get_tensor_model_parallel_rank(),
+                                         parallel_state.get_expert_model_parallel_rank(),
+                                         parallel_state.get_expert_tensor_parallel_rank())
     torch.manual_seed(seed)
 
 

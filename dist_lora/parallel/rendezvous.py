@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch.distributed as dist
 
-from dist_lora.parallel.slurm_env import LaunchError, PORT_RANGE, ephemeral_ports
+from dist_lora.parallel.slurm_env import PORT_RANGE, LaunchError, ephemeral_ports
 
 OWNER_KEY = "dist_lora/owner"
 _SIOCGIFADDR = 0x8915

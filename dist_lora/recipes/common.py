@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from dist_lora import parallel
 from dist_lora.parallel import faults
 from dist_lora.parallel.collectives import RankError, broadcast_object, group_rank

@@ -19,9 +19,9 @@ import yaml
 
 from dist_lora.config.lora import LoraConfig
 from dist_lora.models.spec import spec_from_config
+from dist_lora.recipes import paths
 from dist_lora.recipes.adapter import adapter_config, check
 from dist_lora.recipes.data.formats import FORMATS
-from dist_lora.recipes import paths
 
 
 @dataclass
@@ -31,6 +31,7 @@ class ModelSection:
     demo_seed: int = 0
     quantize: typing.Optional[str] = None  # nf4 | fp4: 4-bit base weights (QLoRA), adapters stay in train.dtype
     quantize_blocksize: int = 64
+    moe_token_dispatcher: str = "alltoall"  # alltoall | allgather: how mixture-of-experts layers move tokens
 
 
 @dataclass
@@ -39,6 +40,8 @@ class ParallelSection:
     pipeline_parallel: int = 1
     sequence_parallel: bool = False
     backend: typing.Optional[str] = None  # nccl | gloo; default: nccl with CUDA, gloo without
+    expert_parallel: int = 1  # mixture-of-experts models: ranks the experts of a layer are spread over
+    expert_tensor_parallel: int = 1  # ... and the ranks each expert is split over
     # Layers of the first / last pipeline stage (the others split the rest evenly); null: every
     # stage the same when pipeline_parallel divides the layers, else balanced automatically.
     first_stage_layers: typing.Optional[int] = None
@@ -75,6 +78,9 @@ class TrainSection:
     log_every: int = 1
     eval_every: int = 0  # validation loss every N steps (0: before and after training only)
     stop_at: typing.Optional[int] = None  # end this run after this step (checkpointed), e.g. for a time limit
+    # mixture-of-experts models: add the family's load-balancing loss (router_aux_loss_coef x aux, as
+    # transformers does); null follows the model's config.json (output_router_logits)
+    router_aux_loss: typing.Optional[bool] = None
 
 
 @dataclass
@@ -190,6 +196,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
                          f"got {config.train.adapter_dtype!r}")
     if config.model.quantize not in (None, "nf4", "fp4"):
         raise ValueError(f"model.quantize must be nf4, fp4 or null, got {config.model.quantize!r}")
+    if config.model.moe_token_dispatcher not in ("alltoall", "allgather"):
+        raise ValueError(f"model.moe_token_dispatcher must be alltoall or allgather, got "
+                         f"{config.model.moe_token_dispatcher!r}")
+    for name in ("tensor_parallel", "pipeline_parallel", "expert_parallel", "expert_tensor_parallel"):
+        if getattr(config.parallel, name) < 1:
+            raise ValueError(f"parallel.{name} must be >= 1")
     for name in ("steps", "micro_batch_size", "micro_batches", "log_every"):
         if getattr(config.train, name) < 1:
             raise ValueError(f"train.{name} must be >= 1")

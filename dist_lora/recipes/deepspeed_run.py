@@ -84,13 +84,19 @@ def check(config: FinetuneConfig) -> None:
     """What this runner needs beyond a valid recipe (checked before any process group starts)."""
     if config.deepspeed.config is None:
         raise ValueError("deepspeed.config is not set: name a ZeRO JSON, e.g. deepspeed.config=configs/deepspeed/zero3.json")
-    if config.parallel.tensor_parallel != 1 or config.parallel.pipeline_parallel != 1 or config.parallel.sequence_parallel:
+    par = config.parallel
+    if (par.tensor_parallel != 1 or par.pipeline_parallel != 1 or par.sequence_parallel or par.expert_parallel != 1
+            or par.expert_tensor_parallel != 1):
         raise ValueError("the DeepSpeed path is data-parallel only: set parallel.tensor_parallel=1, "
-                         "parallel.pipeline_parallel=1, parallel.sequence_parallel=false (or use launch/finetune.py)")
+                         "parallel.pipeline_parallel=1, parallel.sequence_parallel=false, parallel.expert_parallel=1, "
+                         "parallel.expert_tensor_parallel=1 (or use launch/finetune.py)")
     try:
         choose_backend(config.parallel.backend)  # nccl without CUDA fails here, before any rank starts
     except ValueError as err:
         raise ValueError(f"parallel.{err}") from err
+    if config.train.router_aux_loss:
+        raise ValueError("train.router_aux_loss is a setting of the Megatron recipe (launch/finetune.py); the "
+                         "DeepSpeed path trains plain Hugging Face models as their config.json defines")
     adapter.check(config, "deepspeed")
     if config.data.packing:
         raise ValueError("data.packing is supported by launch/finetune.py; the DeepSpeed recipe feeds the Hugging "

@@ -1,7 +1,9 @@
 """The fine-tuning loop for Megatron models: explicit, one step per iteration, nothing hidden.
 
 Per step: the DP rank's batch -> ``forward_backward`` (Megatron's pipeline schedule with PP,
-``train.micro_batches`` micro-batches) -> ``finalize_grads`` (DP average in Megatron-Core DDP's buckets, SP sums) ->
+``train.micro_batches`` micro-batches; the family's router load-balancing loss with
+``train.router_aux_loss``) -> ``finalize_grads`` (DP average in Megatron-Core DDP's buckets, expert
+gradients over their expert-data-parallel group, SP sums) ->
 ``clip_grad_norm`` (global norm) -> AdamW with linear warm-up and cosine decay. The loss is the
 token mean over the whole step (masked tokens never count). Rank 0 shows a progress bar and
 appends the metrics to ``metrics.jsonl``; the validation loss is computed before training, every
@@ -63,8 +65,8 @@ def _evaluator(model, micro_batches: int):
     def evaluate(batch):
         count = int(token_count(batch.labels, groups))
         loss = forward_backward(model, batch.input_ids, batch.labels, num_microbatches=micro_batches,
-                                forward_only=True, **batch.as_kwargs())
-        return loss.item() * count, count
+                                forward_only=True, router_aux_loss=False, **batch.as_kwargs())
+        return loss.item() * count, count  # the language-model loss only
 
     return evaluate
 
@@ -74,7 +76,8 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
     p, t = config.parallel, config.train
     check(config)
     groups = parallel.initialize(p.tensor_parallel, p.pipeline_parallel, p.sequence_parallel, seed=t.seed,
-                                 backend=p.backend)
+                                 backend=p.backend, expert_parallel=p.expert_parallel,
+                                 expert_tensor_parallel=p.expert_tensor_parallel)
     out, checkpoints = Path(config.output.dir), Path(config.checkpoint.dir)
     if groups.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +86,8 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
     data = recipe_data(config, base, groups.dp_size, groups.dp_rank)  # bad data fails here, on every rank
     batches = data.train
     model = models.from_pretrained(base, dtype=torch.float32 if t.dtype == "float32" else torch.bfloat16,
-                                   first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers)
+                                   first_stage_layers=p.first_stage_layers, last_stage_layers=p.last_stage_layers,
+                                   moe_token_dispatcher=config.model.moe_token_dispatcher)
     applied = adapter.apply(model, config, batches, out)  # and the 4-bit base, if any
     # Every rank's torch RNG from here on is the same: rank 0 alone drew the demo base's weights,
     # and with lora_dropout the masks on TP-replicated inputs (column layers without SP) must be
@@ -117,7 +121,8 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
         batch = batches(step)
         optimizer.zero_grad(set_to_none=True)
         loss = forward_backward(model, batch.input_ids, batch.labels, num_microbatches=t.micro_batches,
-                                **batch.as_kwargs()).item()  # the token mean over all DP ranks
+                                router_aux_loss=t.router_aux_loss, **batch.as_kwargs()).item()
+        # the token mean over all DP ranks (plus the router loss, when on)
         penalty = adapter.after_backward(model, applied)  # AdaLoRA's orthogonality penalty
         finalize_grads(model)
         grad_norm = clip_grad_norm(model, t.clip_grad)

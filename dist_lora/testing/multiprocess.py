@@ -34,7 +34,7 @@ from typing import Any, Callable
 from dist_lora.parallel.launch_env import LOOPBACK, free_port
 
 _REGISTRY: dict[str, list["Check"]] = {}
-_LAYOUT = re.compile(r"^tp(\d+)(?:-pp(\d+))?(-sp)?$|^pp(\d+)$")
+_LAYOUT = re.compile(r"^(?:tp(\d+))?(?:(?:^|-)pp(\d+))?(?:(?:^|-)ep(\d+))?(?:(?:^|-)etp(\d+))?(-sp)?$")
 
 
 @dataclass(frozen=True)
@@ -42,19 +42,22 @@ class Layout:
     tp: int = 1
     pp: int = 1
     sp: bool = False
+    ep: int = 1  # expert parallel
+    etp: int = 1  # expert tensor parallel
 
     @staticmethod
     def parse(text: str) -> "Layout":
+        """``tpN[-ppM][-epE[-etpT]][-sp]``; a leading ``tp1`` may be left out (``pp2``, ``ep2-etp2``)."""
         match = _LAYOUT.match(text)
-        if not match:
-            raise ValueError(f"layout {text!r} is not of the form tpN[-ppM][-sp] or ppM")
-        if match.group(4):
-            return Layout(1, int(match.group(4)), False)
-        return Layout(int(match.group(1)), int(match.group(2) or 1), bool(match.group(3)))
+        if not match or text.startswith("-") or not any(match.groups()[:4]):
+            raise ValueError(f"layout {text!r} is not of the form tpN[-ppM][-epE][-etpT][-sp]")
+        tp, pp, ep, etp = (int(g) if g else 1 for g in match.groups()[:4])
+        return Layout(tp, pp, bool(match.group(5)), ep, etp)
 
     @property
     def name(self) -> str:
-        return f"tp{self.tp}" + (f"-pp{self.pp}" if self.pp > 1 else "") + ("-sp" if self.sp else "")
+        return (f"tp{self.tp}" + (f"-pp{self.pp}" if self.pp > 1 else "") + (f"-ep{self.ep}" if self.ep > 1 else "")
+                + (f"-etp{self.etp}" if self.etp > 1 else "") + ("-sp" if self.sp else ""))
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,18 @@ TINY_CONFIGS: dict[str, dict] = {
                    num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
                    sliding_window_pattern=3, max_position_embeddings=128, rms_norm_eps=1e-6,
                    rope_theta=1000000.0, rope_local_base_freq=10000.0, tie_word_embeddings=True),
+    # 4 experts, top-2, an expert FFN (48) that ETP=2 splits, GQA (4 / 2 heads).
+    "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=96, hidden_size=64,
+                    intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+                    rope_theta=10000.0, tie_word_embeddings=False, router_aux_loss_coef=0.02),
+    # Qwen3-MoE: q / k norms, an explicit head_dim (32, not hidden / heads = 16), top-k weights not
+    # renormalised (norm_topk_prob=False: the other routing of the two families).
+    "qwen3_moe": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=96, hidden_size=64,
+                      intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+                      max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+                      router_aux_loss_coef=0.001),
 }
 TINY_CONFIGS["llama_3_layers"] = dict(TINY_CONFIGS["llama"], num_hidden_layers=3)
 TINY_CONFIGS["llama_5_layers"] = dict(TINY_CONFIGS["llama"], num_hidden_layers=5)
@@ -63,6 +75,24 @@ def save_tiny(config: dict | str | Path, out_dir: str | Path, seed: int = 0,
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(str(out_dir), **kwargs)
     return model
+
+
+def experts_reached(model, ids: torch.Tensor) -> list[set[int]]:
+    """For each layer of an HF mixture-of-experts model, the experts its router sends the tokens
+    of ``ids`` to (tests check that a batch reaches every expert)."""
+    reached: list[set[int]] = []
+
+    def record(_module, _inputs, output):
+        reached.append(set(output[2].unique().tolist()))  # (logits, top-k weights, top-k indices)
+
+    hooks = [layer.mlp.gate.register_forward_hook(record) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return reached
 
 
 # A ChatML template (SmolLM2 / Qwen style) that, like many real ones, rejects unknown roles.

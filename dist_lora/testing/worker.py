@@ -37,8 +37,8 @@ def main(module_name: str, workdir: str) -> int:
     for layout in layouts:
         try:
             groups = initialize(tensor_parallel=layout.tp, pipeline_parallel=layout.pp,
-                                sequence_parallel=layout.sp, seed=1234,
-                                backend=os.environ.get("DIST_LORA_TEST_BACKEND") or None)
+                                sequence_parallel=layout.sp, seed=1234, expert_parallel=layout.ep,
+                                expert_tensor_parallel=layout.etp, backend=os.environ.get("DIST_LORA_TEST_BACKEND") or None)
         except Exception:  # noqa: BLE001 - reported as the cases' failure
             error = traceback.format_exc()
             for c in checks:

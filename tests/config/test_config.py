@@ -46,6 +46,8 @@ def test_peft_config_round_trips_through_ours(tmp_path):
     (dict(rank_pattern={"q_proj": 0}), r"rank_pattern\['q_proj'\] must be a positive integer"),
     (dict(target_modules=".*proj", layers_to_transform=[0]), "layers_to_transform cannot be used"),
     (dict(layers_pattern="layers"), "layers_pattern needs layers_to_transform"),
+    (dict(target_parameters="mlp.experts.gate_up_proj"), "target_parameters must be a list of parameter names"),
+    (dict(target_parameters=["mlp.experts.down_proj"], lora_dropout=0.1), "lora_dropout=0.1 does not work with"),
 ])
 def test_bad_fields_are_named(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
@@ -57,3 +59,14 @@ def test_unsupported_peft_features_are_refused_and_unknown_keys_warned():
         LoraConfig.from_dict({"r": 4, "fan_in_fan_out": True})
     with pytest.warns(UserWarning, match="ignored adapter_config.json keys: \\['future_key'\\]"):
         LoraConfig.from_dict({"r": 4, "future_key": 1})
+
+
+def test_target_parameters_round_trip_with_peft(tmp_path):
+    theirs = peft.LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj",
+                                                                                "mlp.experts.down_proj"],
+                             rank_pattern={"model.layers.1.mlp.experts.down_proj": 2})
+    theirs.save_pretrained(tmp_path)
+    ours = LoraConfig.from_json(tmp_path / "adapter_config.json")
+    assert ours.target_parameters == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    ours.to_json(tmp_path / "adapter_config.json")
+    assert peft.PeftConfig.from_pretrained(tmp_path).target_parameters == theirs.target_parameters

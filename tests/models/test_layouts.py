@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_lora.models.layouts import LAYOUTS, read_local, unshard
+from dist_lora.models.layouts import LAYOUTS, ExpertSlice, read_local, unshard
 from dist_lora.models.spec import spec_from_config
 from dist_lora.testing.tiny import TINY_CONFIGS
 
@@ -18,8 +18,9 @@ class DictReader:
     def shape(self, name):
         return tuple(self.tensors[name].shape)
 
-    def read(self, name, rows=None, cols=None):
+    def read(self, name, rows=None, cols=None, expert=None):
         t = self.tensors[name]
+        t = t[expert] if expert is not None else t
         t = t[slice(*rows)] if rows else t
         t = t[:, slice(*cols)] if cols else t
         self.bytes_read += t.numel() * t.element_size()
@@ -35,6 +36,7 @@ CASES = {
     "vocab": {"w": torch.randn(SPEC.vocab_size, H)},
     "qkv": {"q": torch.randn(8 * D, H), "k": torch.randn(4 * D, H), "v": torch.randn(4 * D, H)},
     "glu": {"g": torch.randn(96, H), "u": torch.randn(96, H)},
+    "gate_up": {"gu": torch.randn(2 * 96, H)},
 }
 
 
@@ -68,6 +70,23 @@ def test_glu_shard_is_gate_then_up_of_the_rank():
     g, u = CASES["glu"]["g"], CASES["glu"]["u"]
     shard = read_local("glu", DictReader(CASES["glu"]), ["g", "u"], SPEC, 2, 1)
     assert torch.equal(shard, torch.cat([g[48:], u[48:]]))
+
+
+def test_gate_up_shard_is_gate_then_up_of_the_rank():
+    gu = CASES["gate_up"]["gu"]
+    shard = read_local("gate_up", DictReader(CASES["gate_up"]), ["gu"], SPEC, 2, 1)
+    assert torch.equal(shard, torch.cat([gu[48:96], gu[96 + 48:]]))
+    # the same rows as two separate gate / up tensors
+    glu = read_local("glu", DictReader({"g": gu[:96], "u": gu[96:]}), ["g", "u"], SPEC, 2, 1)
+    assert torch.equal(shard, glu)
+
+
+def test_expert_slice_reads_one_expert_of_fused_experts():
+    fused = torch.randn(4, 2 * 96, H)  # [E, 2f, h], like mlp.experts.gate_up_proj
+    reader = ExpertSlice(DictReader({"gate_up_proj": fused}), expert=2)
+    assert reader.shape("gate_up_proj") == (2 * 96, H)
+    shard = read_local("gate_up", reader, ["gate_up_proj"], SPEC, 2, 0)
+    assert torch.equal(shard, torch.cat([fused[2, :48], fused[2, 96:96 + 48]]))
 
 
 def test_vocab_padding_rows_are_zero():

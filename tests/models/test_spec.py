@@ -57,6 +57,50 @@ def test_padded_vocab_and_features():
     assert mistral.sliding_window == 5
 
 
+def _moe(family="mixtral", **change):
+    return {**TINY_CONFIGS[family], **change}
+
+
+@pytest.mark.parametrize("family,change,needle", [
+    ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1 is not supported"),
+    ("mixtral", {"num_experts_per_tok": 5}, "num_experts_per_tok=5 must lie in [1, num_local_experts=4]"),
+    ("qwen3_moe", {"mlp_only_layers": [1]}, "dense MLP layers between the mixture-of-experts layers"),
+    ("qwen3_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step=2"),
+])
+def test_unsupported_moe_configs_are_named(family, change, needle):
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        spec_from_config(_moe(family, **change))
+
+
+def test_qwen3_moe_sliding_window_is_on_every_layer_when_switched_on():
+    """transformers' Qwen3-MoE slides every layer with use_sliding_window (no max_window_layers)."""
+    assert spec_from_config(_moe("qwen3_moe", sliding_window=4)).sliding_window is None
+    spec = spec_from_config(_moe("qwen3_moe", sliding_window=4, use_sliding_window=True))
+    assert spec.sliding_window == 4 and spec.layer_types is None
+
+
+def test_moe_routing_follows_each_family():
+    mixtral = spec_from_config(_moe("mixtral")).experts
+    assert (mixtral.num_experts, mixtral.top_k, mixtral.ffn_hidden_size, mixtral.renormalise) == (4, 2, 48, True)
+    qwen = spec_from_config(_moe("qwen3_moe")).experts  # moe_intermediate_size, not intermediate_size
+    assert (qwen.num_experts, qwen.ffn_hidden_size, qwen.renormalise) == (4, 48, False)
+    assert spec_from_config(_moe("qwen3_moe", norm_topk_prob=True)).experts.renormalise
+    # transformers writes Qwen3-MoE's expert count as num_local_experts; the Hub's configs say num_experts
+    hub = {k: v for k, v in _moe("qwen3_moe", num_experts=8).items() if k != "num_local_experts"}
+    assert spec_from_config(hub).experts.num_experts == 8
+    assert not mixtral.aux_loss and spec_from_config(_moe(output_router_logits=True)).experts.aux_loss
+
+
+@pytest.mark.parametrize("ep,etp,tp,sp,needle", [
+    (3, 1, 1, False, "expert_parallel=3 does not divide the number of experts (4)"),
+    (1, 5, 1, False, "expert_tensor_parallel=5 does not divide the expert FFN size (48)"),
+    (2, 1, 2, False, "needs sequence_parallel=True"),
+])
+def test_expert_layout_errors(ep, etp, tp, sp, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        spec_from_config(_moe()).experts.check_layout(ep, etp, tp, sp)
+
+
 def _hf_saved(name: str, **change) -> dict:
     """config.json as transformers writes it for a tiny config (its defaults and new-style keys)."""
     from transformers import AutoConfig
@@ -122,5 +166,5 @@ def test_tp_errors_name_the_valid_sizes(name, tp, needle):
 
 def test_unknown_family_lists_the_supported_ones():
     with pytest.raises(ValueError, match="unsupported model_type 'gemma2'; dist_lora supports: llama, mistral, "
-                                         "qwen2, qwen3, gemma3_text"):
+                                         "qwen2, qwen3, gemma3_text, mixtral, qwen3_moe"):
         spec_from_config({**TINY_CONFIGS["gemma3"], "model_type": "gemma2"})
