@@ -27,6 +27,19 @@ with warnings.catch_warnings():
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+
+
+def local_linear(layer, x, weight):
+    """``x W^T`` of a Megatron ``ColumnParallelLinear`` / ``RowParallelLinear`` on this rank's
+    shard, through the layer's own implementation (``linear_with_frozen_weight`` for a frozen
+    weight, which saves only the weight; the gradient-accumulating path otherwise), with no bias
+    and no communication: the caller runs the layer's input and output collectives."""
+    return layer._forward_impl(input=x, weight=weight, bias=None,
+                               gradient_accumulation_fusion=layer.gradient_accumulation_fusion,
+                               allreduce_dgrad=False, sequence_parallel=False, tp_group=layer.tp_group,
+                               grad_output_buffer=None)
+
+
 __all__ = [
     "ColumnParallelLinear",
     "DistributedDataParallel",
@@ -39,6 +52,7 @@ __all__ = [
     "get_cuda_rng_tracker",
     "get_forward_backward_func",
     "get_gpt_layer_local_spec",
+    "local_linear",
     "model_parallel_cuda_manual_seed",
     "parallel_state",
 ]

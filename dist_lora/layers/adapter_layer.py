@@ -68,6 +68,12 @@ class AdapterLayer(BaseWrapper):
             for factors in self.lora[adapter].values():
                 yield adapter, factors
 
+    def tp_partial_gradients(self) -> list[nn.Parameter]:
+        """Every replicated adapter tensor of this layer whose gradient is a partial sum over TP
+        after backward (:meth:`LoraFactors.tp_partial_gradients`); ``finalize_grads`` sums them."""
+        return [t for slots in self.lora.values() for factors in slots.values()
+                for t in factors.tp_partial_gradients(self.shard)]
+
     def factors_of(self, adapter: str) -> dict[str, LoraFactors]:
         return dict(self.lora[adapter]) if adapter in self.lora else {}
 

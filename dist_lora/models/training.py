@@ -4,8 +4,10 @@
 the sum of exponentials and the target logit are reduced over TP with differentiable
 collectives, and the padding rows of the vocabulary are masked to -inf so they never count.
 ``forward_backward`` runs micro-batches (through Megatron's pipeline schedule when PP > 1) and
-returns the loss on every rank; ``finalize_grads`` averages gradients over data-parallel ranks
-and sums the partial gradients of sequence-parallel parameters over TP.
+returns the loss on every rank; DoRA's weight norms are computed once for all of them.
+``finalize_grads`` averages gradients over data-parallel ranks and sums over TP the gradients
+that are partial sums there (sequence-parallel norm weights and biases; the replicated adapter
+factors whose product joins the base layer's own collective), in buckets.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import torch
 
 from dist_lora.adapters.registry import adapter_layers, saved_modules
+from dist_lora.layers.dora import held_norms
 from dist_lora.integrations.megatron import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
@@ -22,7 +25,7 @@ from dist_lora.integrations.megatron import (
 )
 from dist_lora.integrations.megatron_cpu import cpu_device_mode
 from dist_lora.models.loading import model_info
-from dist_lora.parallel.collectives import all_reduce_, broadcast_, reduce_from_group
+from dist_lora.parallel.collectives import all_reduce_, all_reduce_coalesced_, broadcast_, reduce_from_group
 
 IGNORE_INDEX = -100
 
@@ -52,14 +55,27 @@ def _mean_loss(local_logits, labels, spec, groups) -> torch.Tensor:
     return per_token.sum() / count
 
 
+def dora_slots(model) -> list:
+    """(layer, factors) of every live DoRA slot of this rank's stage whose norm can be held."""
+    return [(layer, factors) for _, layer in adapter_layers(model) if hasattr(layer, "held_norm_slots")
+            for factors in layer.held_norm_slots()]
+
+
 def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_microbatches: int = 1,
                      forward_only: bool = False) -> torch.Tensor:
     """Mean token loss of the batch (mean over micro-batches of their token means), on every
     rank; gradients are accumulated into ``.grad`` unless ``forward_only``.
 
     ``input_ids`` and ``labels`` are [batch, seq] (labels already shifted; -100 is ignored);
-    the batch splits into ``num_microbatches`` equal micro-batches along dim 0.
+    the batch splits into ``num_microbatches`` equal micro-batches along dim 0. DoRA's detached
+    weight norms are computed once, before the first micro-batch (row layers: one all-reduce for
+    the stage), and read by every forward (:func:`dist_lora.layers.dora.held_norms`).
     """
+    with held_norms(dora_slots(model)):
+        return _forward_backward(model, input_ids, labels, num_microbatches, forward_only)
+
+
+def _forward_backward(model, input_ids, labels, num_microbatches, forward_only) -> torch.Tensor:
     info = model_info(model)
     groups, spec = info.groups, info.spec
     batch, seq = input_ids.shape
@@ -117,10 +133,17 @@ def use_megatron_ddp(model, bucket_size: int | None = None) -> None:
 
 
 def finalize_grads(model) -> None:
-    """Average trainable gradients over data-parallel ranks (Megatron DDP's buckets when
-    :func:`use_megatron_ddp` is on, else one all-reduce per tensor); sum sequence-parallel
-    partial gradients (norm weights, row-parallel biases) over TP. Call after backward, before
-    the step; the gradients are then in ``.grad`` (and DDP's buffers are cleared)."""
+    """Make ``.grad`` the step's gradient on every rank. Call after backward (all micro-batches),
+    before the step.
+
+    * Data parallel: average over DP ranks (Megatron DDP's buckets when :func:`use_megatron_ddp`
+      is on, else this function's own buckets); DDP's buffers are then cleared.
+    * Tensor parallel: sum over TP the gradients that are partial sums per rank: parameters
+      marked ``sequence_parallel`` (norm weights, row-parallel biases under SP) and the replicated
+      adapter factors whose products join the base layer's collectives (``lora_A`` of column
+      layers; ``lora_B``, DoRA magnitude and ``lora_bias`` of row layers; AdaLoRA's Lambda). One
+      all-reduce per bucket, once per step, however many micro-batches and layers there are.
+    """
     info = model_info(model)
     groups, ddp = info.groups, info.ddp
     bucketed = set()
@@ -131,14 +154,17 @@ def finalize_grads(model) -> None:
                 param.grad = param.main_grad.to(param.dtype).clone()
                 bucketed.add(id(param))
         ddp.zero_grad_buffer()
-    for param in model.parameters():
-        if not param.requires_grad or param.grad is None:
-            continue
-        if groups.sequence_parallel and getattr(param, "sequence_parallel", False):
-            all_reduce_(param.grad, groups.tp_group)
-        if groups.dp_size > 1 and id(param) not in bucketed:
-            all_reduce_(param.grad, groups.dp_group)
-            param.grad.div_(groups.dp_size)
+    with_grad = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    if groups.dp_size > 1:
+        rest = [p.grad for p in with_grad if id(p) not in bucketed]
+        all_reduce_coalesced_(rest, groups.dp_group)
+        for grad in rest:
+            grad.div_(groups.dp_size)
+    if groups.tp_size > 1:
+        partial = {id(p) for _, layer in adapter_layers(model) for p in layer.tp_partial_gradients()}
+        if groups.sequence_parallel:
+            partial.update(id(p) for p in with_grad if getattr(p, "sequence_parallel", False))
+        all_reduce_coalesced_([p.grad for p in with_grad if id(p) in partial], groups.tp_group)
 
 
 def clip_grad_norm(model, max_norm: float) -> float:
