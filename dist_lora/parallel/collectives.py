@@ -39,6 +39,11 @@ import torch.distributed as dist
 
 Group = Any  # torch.distributed.ProcessGroup | None
 
+# One-buffer all-gather / reduce-scatter: the ``*_single`` names of torch >= 2.13 (which deprecates
+# ``all_gather_into_tensor`` / ``reduce_scatter_tensor``), the older names before.
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -98,9 +103,9 @@ def _all_gather_dim(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     if world == 1:
         return x
     x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=dim)
+    out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather_single(out, x, group=group)  # one buffer, rank-major along dim 0
+    return out if dim % x.dim() == 0 else torch.cat(out.chunk(world, dim=0), dim=dim)
 
 
 def _split_dim(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
@@ -119,7 +124,7 @@ def _reduce_scatter_first(x: torch.Tensor, group: Group) -> torch.Tensor:
     if x.size(0) % world:
         raise ValueError(f"dimension 0 of size {x.size(0)} does not split over {world} ranks")
     out = torch.empty((x.size(0) // world, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    _reduce_scatter_single(out, x.contiguous(), group=group)
     return out
 
 
