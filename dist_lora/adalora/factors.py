@@ -11,7 +11,7 @@ tensor        global shape     sharded like
 ============  ===============  =========================================================
 
 ``scaling = lora_alpha / (ranknum + 1e-5)`` with ``ranknum = init_r``, fixed as in PEFT. The
-forward computes ``h = (x Q^T) * (scaling * Lambda^T)`` on the narrow hidden, then ``y += h P^T``
+forward computes ``h = (x Q^T) * Lambda^T`` on the narrow hidden, then ``y += scaling * h P^T``
 (:class:`dist_lora.layers.linear.LoraLinear`). Lambda is replicated and its gradient is a partial
 sum over TP on both layer kinds (column: each rank sees only its output rows; row: each rank's
 hidden is the partial ``x_i Q_i^T``), summed once per step by ``finalize_grads`` like LoRA's
@@ -45,12 +45,12 @@ class SVDFactors(LoraFactors):
     def global_shapes(self, shard: BaseShard) -> dict[str, tuple[int, ...]]:
         return {**super().global_shapes(shard), "lora_E": (self.r, 1)}
 
-    def scale_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """``h * (scaling * Lambda^T)`` for the hidden ``h = x Q^T`` [.., r] (see module docstring)."""
-        return h * (self.lora_E.view(-1) * self.scaling).to(h.dtype)
+    def scale_hidden(self, h: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(h * Lambda^T, scaling)`` for the hidden ``h = x Q^T`` [.., r] (see module docstring)."""
+        return h * self.lora_E.view(-1).to(h.dtype), self.scaling
 
     def tp_partial_gradients(self, shard: BaseShard) -> list[nn.Parameter]:
-        return super().tp_partial_gradients(shard) + ([self.lora_E] if shard.tp > 1 and shard.kind != "embedding" else [])
+        return super().tp_partial_gradients(shard) + ([self.lora_E] if shard.tp > 1 else [])
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * P (Q * Lambda)`` on this rank's shard: [rows_local, in_local] (no collective)."""

@@ -71,10 +71,11 @@ class LoraFactors(nn.Module):
                 raise ValueError(f"{name}: expected global shape {shapes[name]}, got {tuple(full.shape)}")
             getattr(self, name).copy_(layouts[name].local(full, shard.tp, shard.rank))
 
-    def scale_hidden(self, h: torch.Tensor) -> torch.Tensor:
-        """``s * h`` for the hidden ``h = x A^T`` [.., r] (a partial sum over TP on row layers):
-        the adapter's scaling is applied on the narrow hidden, before ``B``."""
-        return h * self.scaling
+    def scale_hidden(self, h: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The hidden as ``B`` reads it and the scalar its product is multiplied by, for the hidden
+        ``h = x A^T`` [.., r] (a partial sum over TP on row layers): ``(h, s)`` for LoRA, so the
+        scaling rides on the ``B`` matmul (its ``alpha``) and no tensor is scaled."""
+        return h, self.scaling
 
     def tp_partial_gradients(self, shard: BaseShard) -> list[nn.Parameter]:
         """Replicated tensors whose gradient each TP rank holds as a *partial sum* after backward
@@ -83,10 +84,12 @@ class LoraFactors(nn.Module):
         Column layers: ``lora_A`` (each rank's ``dL/dh = s dL/dy_i B_i`` covers its output rows
         only). Row layers: ``lora_B``, the DoRA magnitude and ``lora_bias`` (each rank's adapter
         product is computed from its input slice ``x_i A_i^T`` and joins the base's partial sum;
-        the bias enters TP rank 0's partial only)."""
-        if shard.tp == 1 or shard.kind == "embedding":
+        the bias enters TP rank 0's partial only). Vocab-parallel embeddings: ``lora_B`` (each
+        rank's lookup covers the ids it owns)."""
+        if shard.tp == 1:
             return []
-        names = ("lora_A",) if shard.kind == "column" else ("lora_B", "lora_magnitude_vector", "lora_bias")
+        names = {"column": ("lora_A",), "embedding": ("lora_B",)}.get(
+            shard.kind, ("lora_B", "lora_magnitude_vector", "lora_bias"))
         return [t for t in (getattr(self, n) for n in names) if t is not None]
 
     def delta_weight(self) -> torch.Tensor:

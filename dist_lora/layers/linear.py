@@ -49,7 +49,7 @@ from dist_lora.layers import base_path
 from dist_lora.layers.adapter_layer import AdapterLayer
 from dist_lora.layers.dora import dora_scale, norm_now, weight_norm
 from dist_lora.layers.factors import LoraFactors
-from dist_lora.layers.placement import into_slots
+from dist_lora.layers.placement import Entry, into_slots
 from dist_lora.layers.quantized import QuantizedLinear
 
 
@@ -90,7 +90,7 @@ class LoraLinear(AdapterLayer):
         return out
 
     def _hiddens(self, inputs: list[torch.Tensor], live: list[LoraFactors]) -> list[torch.Tensor]:
-        """``s x A^T`` [.., r] of every live slot (local; a partial sum on row layers). Slots that
+        """``x A^T`` [.., r] of every live slot (local; a partial sum on row layers). Slots that
         read the same input tensor share one matmul of their concatenated A's."""
         shared: dict[int, list[int]] = {}
         for i, inp in enumerate(inputs):
@@ -99,9 +99,8 @@ class LoraLinear(AdapterLayer):
         for members in shared.values():
             a = [live[i].lora_A for i in members]
             h = F.linear(inputs[members[0]], a[0] if len(a) == 1 else torch.cat(a))
-            parts = [h] if len(a) == 1 else h.split([t.shape[0] for t in a], dim=-1)
-            for i, part in zip(members, parts):
-                hiddens[i] = live[i].scale_hidden(part)
+            for i, part in zip(members, [h] if len(a) == 1 else h.split([t.shape[0] for t in a], dim=-1)):
+                hiddens[i] = part
         return hiddens
 
     def _adapt(self, y, x, live, bias_in_y, weight=None):
@@ -114,23 +113,29 @@ class LoraLinear(AdapterLayer):
         bias_factor = 1.0 if self.shard.kind != "row" or self.shard.rank == 0 else 0.0
         entries = []
         for factors, x_f, h in zip(live, inputs, self._hiddens(inputs, live)):
-            slot, lora_bias = factors.slot, factors.lora_bias
-            bias_term = None if lora_bias is None else lora_bias * (factors.scaling * bias_factor)
-            delta = F.linear(h, factors.lora_B, bias_term)
+            slot = factors.slot
+            h, alpha = factors.scale_hidden(h)  # the scaling rides on the matmul (alpha), never at full width
+            bias = None if factors.lora_bias is None else factors.lora_bias * (factors.scaling * bias_factor)
+            entry = Entry(slot, h=h, lora_b=factors.lora_B, alpha=alpha, bias=bias)
             if factors.lora_magnitude_vector is None:
-                entries.append((slot, delta, None))
+                entries.append(entry)
                 continue
             scale = dora_scale(factors.lora_magnitude_vector, weight_norm(self, factors, weight))
             if self.training and not isinstance(factors.dropout, nn.Identity):
                 # PEFT: with dropout the DoRA term reads W dropout(x), not the base output.
                 base_out = self._slot_base_output(x_f, slot, weight)
+                lora_out = F.linear(h, factors.lora_B) * alpha
+                lora_out = lora_out if bias is None else lora_out + bias
                 scale_rows = scale.to(base_out.dtype)
-                entries.append((slot, (scale_rows - 1) * base_out + scale_rows * delta, None))
-            elif bias_in_y is not None:
+                entries.append(Entry(slot, delta=(scale_rows - 1) * base_out + scale_rows * lora_out))
+            elif bias_in_y is not None:  # a plain base's output holds its bias, which DoRA leaves out
                 slot_bias = bias_in_y if slot.block is None else bias_in_y[slot.rows.to(bias_in_y.device)]
-                entries += [(slot, delta - slot_bias, scale), (slot, slot_bias, None)]
+                entry.bias = -slot_bias if bias is None else bias - slot_bias
+                entry.scale = scale
+                entries += [entry, Entry(slot, delta=slot_bias)]
             else:
-                entries.append((slot, delta, scale))
+                entry.scale = scale
+                entries.append(entry)
         return into_slots(y, entries)
 
     def _slot_base_output(self, x: torch.Tensor, slot, weight=None) -> torch.Tensor:
