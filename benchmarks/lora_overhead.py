@@ -237,6 +237,12 @@ def _report(args, results: dict, machine: str, loads: tuple) -> str:
                           ("peft_lora", "hf_frozen"), ("peft_dora", "peft_lora")]
             for num, den in pairs:
                 lines.append(f"| {num} / {den} | {_ratio(times, num, den)} |")
+            if "peft_lora" in times and times["peft_lora"]:
+                # dist_lora / peft = (Megatron base / HF base) x (our adapter cost / peft's adapter cost)
+                share = [(a / b) / (c / d) for a, b, c, d in
+                         zip(times["lora"], times["frozen"], times["peft_lora"], times["hf_frozen"])]
+                lines.append(f"| (lora / frozen) / (peft_lora / hf_frozen): the adapters alone | "
+                             f"{statistics.median(share):.3f} [{min(share):.3f}, {max(share):.3f}] |")
             lines.append("")
         if res["counts"]:
             lines += [f"### {layout}: collectives per step ({args.layers} layers, one micro-batch)", "",
@@ -248,8 +254,8 @@ def _report(args, results: dict, machine: str, loads: tuple) -> str:
             frozen = sum(res["counts"]["frozen"]["forward_backward"].values())
             for name in ("lora", "dora"):
                 extra = sum(res["counts"][name]["forward_backward"].values()) - frozen
-                lines.append(f"\n{name}: {extra} collective(s) per step over the frozen base in forward + backward "
-                             f"({extra / args.layers:.2f} per layer)")
+                lines.append(f"\n{name}: {extra:+d} collective(s) per step over the frozen base in forward + backward "
+                             f"({extra / args.layers:+.2f} per layer if it grew with the layers)")
             lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,8 @@
 """The fine-tuning loop for Megatron models: explicit, one step per iteration, nothing hidden.
 
 Per step: the DP rank's batch -> ``forward_backward`` (Megatron's pipeline schedule with PP,
-``train.micro_batches`` micro-batches) -> ``finalize_grads`` (DP average in Megatron-Core DDP's buckets, SP sums) ->
+``train.micro_batches`` micro-batches) -> ``finalize_grads`` (DP average in Megatron-Core DDP's buckets, TP sums of
+partial gradients in one bucket) ->
 ``clip_grad_norm`` (global norm) -> AdamW with linear warm-up and cosine decay. Rank 0 shows a
 progress bar and appends the metrics to ``metrics.jsonl``. Training checkpoints every
 ``checkpoint.every`` steps (``--resume`` continues from the latest with bit-identical losses on
