@@ -30,7 +30,7 @@ def worker(mode: str, base: str, out: str, steps: int, warmup: int) -> None:
     from dist_lora import models, parallel
     from dist_lora.models.training import clip_grad_norm, finalize_grads, forward_backward
     from dist_lora.recipes.config import load_config
-    from dist_lora.recipes.data import Batches, ByteTokenizer, read_texts, samples
+    from dist_lora.recipes.data import Batches, Windows, ensure
 
     config = load_config(ROOT / "configs" / "demo.yaml")
     groups = parallel.initialize(tensor_parallel=int(os.environ["WORLD_SIZE"]), seed=1)
@@ -42,15 +42,15 @@ def worker(mode: str, base: str, out: str, steps: int, warmup: int) -> None:
             param.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
-    data = samples(read_texts(ROOT / "data" / "demo.txt", "text", "text"), ByteTokenizer(), config.data.seq_len)
+    data = Windows(ensure(ROOT / "data" / "demo.txt", "text", {}, "bytes", None), config.data.seq_len)
     batch = config.train.micro_batch_size
     batches = Batches(data, batch, groups.dp_size, groups.dp_rank)
     for step in range(warmup + steps):
         if step == warmup:
             start = time.perf_counter()
-        ids, labels = batches(step)
+        rows = batches(step)
         optimizer.zero_grad(set_to_none=True)
-        forward_backward(model, ids, labels)
+        forward_backward(model, rows.input_ids, rows.labels)
         finalize_grads(model)
         clip_grad_norm(model, 1.0)
         optimizer.step()

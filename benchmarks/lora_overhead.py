@@ -69,7 +69,6 @@ def _input_grads(module) -> None:
 
 
 def _megatron_variants(base: str, dtype, device):
-    import torch
 
     import dist_lora as dl
     from dist_lora import models

@@ -30,6 +30,7 @@ _EXPORTS = {
     "unload": "dist_lora.adapters.management",
     "unmerge_adapter": "dist_lora.adapters.management",
     "check_replicas": "dist_lora.adapters.replicas",
+    "enable_hotswap": "dist_lora.adapters.hotswap",
     "quantize_base": "dist_lora.adapters.quantize",
     "adapter_state_dict": "dist_lora.checkpoint.state_dict",
     "set_adapter_state_dict": "dist_lora.checkpoint.state_dict",

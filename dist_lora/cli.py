@@ -3,14 +3,19 @@
     dist-lora inspect CKPT                 layout, adapter, ranks, parameter counts, checksums
     dist-lora convert CKPT OUT [--base-model NAME] [--overwrite]
                                            sharded checkpoint -> PEFT adapter directory
-    dist-lora convert CKPT OUT --tp N --pp M
+    dist-lora convert CKPT OUT --tp N --pp M [--first-stage-layers F] [--last-stage-layers L]
                                            sharded checkpoint -> the same for another layout
-    dist-lora convert PEFT_DIR OUT --base HF_DIR [--tp N --pp M]
+    dist-lora convert PEFT_DIR OUT --base HF_DIR [--tp N --pp M] [--first-stage-layers F] [...]
                                            PEFT adapter -> sharded checkpoint
     dist-lora merge --base HF_DIR --adapter ADAPTER --out DIR [--overwrite]
                                            Hugging Face checkpoint with the adapter merged
     dist-lora verify --base HF_DIR --adapter ADAPTER
                                            peft vs dist_lora logits on a sample
+    dist-lora convert-gguf FILE.gguf OUT_DIR [--dtype float32] [--overwrite]
+                                           GGUF checkpoint -> Hugging Face safetensors directory
+                                           with its tokenizer and chat template
+    dist-lora tokenize RECIPE [section.key=value ...]
+                                           build a recipe's token caches ahead, in one process
 
 Each runs in one process (verify starts a one-rank process group of its own).
 """
@@ -30,11 +35,16 @@ from tqdm import tqdm
 
 from dist_lora import __version__, models, parallel
 from dist_lora.checkpoint.entries import is_training_state
+from dist_lora.checkpoint.gguf import convert_gguf
 from dist_lora.checkpoint.merge_release import merge_release
 from dist_lora.checkpoint.offline_reshard import reshard_checkpoint
 from dist_lora.checkpoint.peft_format import export_peft, import_peft
 from dist_lora.checkpoint.peft_to_sharded import peft_to_sharded
 from dist_lora.checkpoint.sharded import MANIFEST, load_adapter, read_manifest, sha256_of
+from dist_lora.parallel.collectives import RankError
+from dist_lora.recipes.config import load_config
+from dist_lora.recipes.data import ensure
+from dist_lora.recipes.data.cache import format_options
 
 
 def _inspect(args) -> int:
@@ -45,7 +55,10 @@ def _inspect(args) -> int:
     params = sum(math.prod(m["shape"]) for m in tensors.values())
     ranks = sorted({m["shape"][0] for m in tensors.values() if m["role"] == "lora_A"})
     print(f"checkpoint   {path}")
-    print(f"layout       TP={manifest['layout']['tp']} PP={manifest['layout']['pp']}, {len(manifest['files'])} shard files")
+    stages = manifest["layout"].get("stage_layers")
+    stages = f" (layers per stage: {', '.join(map(str, stages))})" if stages else ""
+    print(f"layout       TP={manifest['layout']['tp']} PP={manifest['layout']['pp']}{stages}, "
+          f"{len(manifest['files'])} shard files")
     print(f"adapter      {manifest['adapter_name']}: r={config['r']} lora_alpha={config['lora_alpha']} "
           f"dora={config['use_dora']} rslora={config['use_rslora']} ranks used={ranks}")
     print(f"target       {config['target_modules']}")
@@ -70,16 +83,22 @@ def _inspect(args) -> int:
     return 1 if bad else 0
 
 
+def _stages(args) -> dict:
+    return {"first_stage_layers": args.first_stage_layers, "last_stage_layers": args.last_stage_layers}
+
+
 def _convert(args) -> int:
     if not (Path(args.src) / MANIFEST).is_file():  # a PEFT adapter directory
         if args.base is None:
             raise ValueError("converting a PEFT adapter to a sharded checkpoint needs --base HF_DIR "
                              "(its config.json gives the Megatron layout)")
-        out = peft_to_sharded(args.src, args.base, args.dst, args.tp or 1, args.pp or 1, overwrite=args.overwrite)
+        out = peft_to_sharded(args.src, args.base, args.dst, args.tp or 1, args.pp or 1, overwrite=args.overwrite,
+                              **_stages(args))
         print(f"wrote sharded checkpoint for TP={args.tp or 1} PP={args.pp or 1} to {out}")
         return 0
-    if args.tp is not None or args.pp is not None:
-        out = reshard_checkpoint(args.src, args.dst, args.tp or 1, args.pp or 1, overwrite=args.overwrite)
+    if any(v is not None for v in (args.tp, args.pp, args.first_stage_layers, args.last_stage_layers)):
+        out = reshard_checkpoint(args.src, args.dst, args.tp or 1, args.pp or 1, overwrite=args.overwrite,
+                                 **_stages(args))
         print(f"wrote sharded checkpoint for TP={args.tp or 1} PP={args.pp or 1} to {out}")
         return 0
     out = export_peft(Path(args.src), Path(args.dst), base_model_name_or_path=args.base_model,
@@ -132,6 +151,26 @@ def _verify(args) -> int:
     return 0 if verdict else 1
 
 
+def _convert_gguf(args) -> int:
+    out = convert_gguf(args.file, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote Hugging Face model (safetensors, {args.dtype}) with its tokenizer to {out}")
+    return 0
+
+
+def _tokenize(args) -> int:
+    """The token caches a recipe's job would build (data.path and data.eval_path)."""
+    config = load_config(args.recipe, args.overrides)
+    d = config.data
+    base = config.model.hf_dir  # demo models have no tokenizer of their own: bytes
+    for path in [d.path] + ([d.eval_path] if d.eval_path else []):
+        try:
+            cache = ensure(path, d.format, format_options(d), d.tokenizer, base, d.cache_dir)
+        except RankError as err:
+            raise ValueError(str(err)) from None
+        print(f"{path}: {cache.meta['documents']} documents, {cache.meta['tokens']} tokens in {cache.directory}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dist-lora", description="dist_lora checkpoint tools")
     parser.add_argument("--version", action="version", version=f"dist-lora {__version__}")
@@ -145,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("dst")
     convert.add_argument("--tp", type=int, default=None, help="re-lay the checkpoint for this TP size")
     convert.add_argument("--pp", type=int, default=None, help="re-lay the checkpoint for this PP size")
+    convert.add_argument("--first-stage-layers", type=int, default=None,
+                         help="layers of the first pipeline stage of the new layout (default: even / balanced)")
+    convert.add_argument("--last-stage-layers", type=int, default=None,
+                         help="layers of the last pipeline stage of the new layout (default: even / balanced)")
     convert.add_argument("--base", default=None, help="HF model directory (PEFT -> sharded: the Megatron layout)")
     convert.add_argument("--base-model", default=None, help="base_model_name_or_path for adapter_config.json")
     convert.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -162,9 +205,20 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--seq", type=int, default=32)
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--tolerance", type=float, default=1e-4, help="allowed max difference, relative to max |logit|")
+    gguf = sub.add_parser("convert-gguf", help="GGUF checkpoint -> Hugging Face safetensors directory (+ tokenizer)")
+    gguf.add_argument("file", help="a .gguf file (llama, mistral or qwen2 architecture)")
+    gguf.add_argument("out", help="the model directory to write")
+    gguf.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                      help="dtype of the dequantised weights")
+    gguf.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    tokenize = sub.add_parser("tokenize", help="build a recipe's token caches ahead (one process)")
+    tokenize.add_argument("recipe", help="recipe YAML")
+    tokenize.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
+    commands = {"inspect": _inspect, "convert": _convert, "merge": _merge, "verify": _verify,
+                "convert-gguf": _convert_gguf, "tokenize": _tokenize}
     try:
-        return {"inspect": _inspect, "convert": _convert, "merge": _merge, "verify": _verify}[args.command](args)
+        return commands[args.command](args)
     except (OSError, ValueError, KeyError) as err:
         print(f"dist-lora {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -72,3 +72,25 @@ def test_non_default_adapters_export_to_a_subfolder_like_peft(tmp_path):
     loaded = peft.PeftModel.from_pretrained(hf_model(TINY_CONFIGS["llama"]), tmp_path / "out" / "other").eval()
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_convert_lays_a_peft_adapter_out_on_uneven_pipeline_stages(tmp_path, capsys):
+    """`convert PEFT OUT --base HF --pp 2 --first-stage-layers 1`: layer 0 on stage 0, layers 1-2
+    on stage 1; a map that leaves a stage empty is refused with the valid values."""
+    from dist_lora.testing.tiny import save_tiny
+
+    config = TINY_CONFIGS["llama_3_layers"]
+    base = save_tiny(config, tmp_path / "base")
+    peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "peft")
+    out = tmp_path / "pp2"
+    assert main(["convert", str(tmp_path / "peft"), str(out), "--base", str(tmp_path / "base"), "--pp", "2",
+                 "--first-stage-layers", "1"]) == 0
+    layers = {f: sorted({k.split(".")[2] for k in load_file(out / f)}) for f in
+              ("adapter-tp00-pp00.safetensors", "adapter-tp00-pp01.safetensors")}
+    assert layers == {"adapter-tp00-pp00.safetensors": ["0"], "adapter-tp00-pp01.safetensors": ["1", "2"]}
+    assert main(["inspect", str(out), "--no-progress"]) == 0
+    assert "PP=2 (layers per stage: 1, 2)" in capsys.readouterr().out
+    assert main(["convert", str(out), str(tmp_path / "bad"), "--pp", "2", "--first-stage-layers", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "first_stage_layers=3" in err and "valid first_stage_layers values here: 1, 2" in err
+    assert not (tmp_path / "bad").exists()

@@ -85,12 +85,15 @@ class ModelView:
         return merged
 
     def layout(self) -> dict:
-        """This rank's place in the layout and the model config, as checkpoints record them."""
+        """This rank's place in the layout, the model config and the layers of every pipeline
+        stage, as checkpoints record them."""
         if self.info is None:
-            return {"tp": 1, "pp": 1, "tp_rank": 0, "pp_rank": 0, "dp_rank": 0, "model_config": None}
+            return {"tp": 1, "pp": 1, "tp_rank": 0, "pp_rank": 0, "dp_rank": 0, "model_config": None,
+                    "stage_layers": None}
         g = self.info.groups
         return {"tp": g.tp_size, "pp": g.pp_size, "tp_rank": g.tp_rank, "pp_rank": g.pp_rank,
-                "dp_rank": g.dp_rank, "model_config": self.info.spec.hf_config}
+                "dp_rank": g.dp_rank, "model_config": self.info.spec.hf_config,
+                "stage_layers": list(self.info.spec.stage_sizes(g.pp_size))}
 
 
 def view(model: nn.Module) -> ModelView:

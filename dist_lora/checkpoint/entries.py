@@ -21,7 +21,7 @@ from dist_lora.layers.sharding import FactorLayout
 @dataclass
 class Entry:
     key: str
-    param: torch.Tensor  # local shard
+    param: torch.Tensor  # local shard (a view of the rank-r part of a parameter padded for hotswapping)
     layout: FactorLayout
     shape: tuple[int, ...]  # global (unpadded) shape
     tp: int
@@ -54,9 +54,11 @@ def entries(model: nn.Module, adapter: str) -> list[Entry]:
         kind = "embedding" if layer.shard.kind == "embedding" else "linear"
         slots = layer.factors_of(adapter)
         for slot_key, factors in slots.items():
+            if factors.vacant:  # a hotswapped adapter that does not target this slot
+                continue
             shapes = factors.global_shapes(layer.shard)
             for role, layout in factors.layouts().items():
-                out.append(Entry(f"{layer.global_name}.{slot_key}.{role}", getattr(factors, role), layout,
+                out.append(Entry(f"{layer.global_name}.{slot_key}.{role}", factors.held(role), layout,
                                  shapes[role], layer.shard.tp, layer.shard.rank, role, factors.slot.hf_names,
                                  factors.slot.fused, kind, alpha=factors.alpha))
         bias = getattr(layer.base_layer, "bias", None)

@@ -21,11 +21,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dist_lora.adapters.hotswap import AUTO, check_fits, prepare_loaded, resolve_hotswap, unwrap_compiled
 from dist_lora.adapters.lora import add_adapter
 from dist_lora.adapters.registry import require_adapter
 from dist_lora.checkpoint.atomic import atomic_directory
 from dist_lora.checkpoint.entries import entries, is_training_state
 from dist_lora.checkpoint.fuse import fuse_projections
+from dist_lora.checkpoint.hotswap import peft_source, swap_in
 from dist_lora.checkpoint.initial_conversion import subtract_initial
 from dist_lora.checkpoint.peft_names import PREFIX, bias_key, peft_key, split_fused
 from dist_lora.checkpoint.sharded import MANIFEST, ShardReader, read_manifest
@@ -208,7 +210,8 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]
     return read_peft(path)
 
 
-def import_peft(model, peft_dir: str | Path, adapter_name: str = "default", fused: bool = False) -> None:
+def import_peft(model, peft_dir: str | Path, adapter_name: str = "default", fused: bool = False,
+                hotswap: bool | str = AUTO) -> None:
     """Load a PEFT LoRA / DoRA adapter onto ``model`` (any TP / PP layout).
 
     By default each HF projection gets its own adapter (q_proj-only adapters stay q_proj-only).
@@ -217,12 +220,32 @@ def import_peft(model, peft_dir: str | Path, adapter_name: str = "default", fuse
     block-structured, each projection's block carrying its own scaling. Unsupported adapter
     types, modules this model lacks and shape mismatches raise on every rank; ignored config
     fields give a warning.
+
+    ``hotswap=True`` copies the adapter into the loaded adapter ``adapter_name`` in place (no
+    parameter is allocated or replaced; see :mod:`dist_lora.adapters.hotswap` for the limits);
+    ``"auto"`` (default) does so when :func:`~dist_lora.adapters.hotswap.enable_hotswap` was
+    called and ``adapter_name`` exists, as Transformers' ``load_adapter`` does. A new adapter
+    loaded after ``enable_hotswap`` is padded to its ``target_rank``.
     """
-    config, tensors = None, None
+    model = unwrap_compiled(model)
+    config, tensors, swapping = None, None, False
     with on_every_rank(f"importing {peft_dir}"):
         config, tensors = read_peft(peft_dir)
         if fused:
             config, tensors = fuse_projections(model, config, tensors)
+        swapping = resolve_hotswap(model, adapter_name, hotswap)
+        if not swapping:
+            check_fits(model, config, _ranks(tensors), str(peft_dir))
     config.init_lora_weights = True  # the file holds every tensor; the init is overwritten
+    if swapping:
+        swap_in(model, config, peft_source(model, tensors, str(peft_dir)), adapter_name)
+        return
     add_adapter(model, config, adapter_name)
     set_adapter_state_dict(model, tensors, adapter_name)
+    prepare_loaded(model, adapter_name)
+
+
+def _ranks(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """PEFT module -> rank of its A."""
+    return {k[len(PREFIX):].rsplit(".lora_", 1)[0]: t.shape[0] for k, t in tensors.items()
+            if k.endswith((".lora_A.weight", ".lora_embedding_A"))}

@@ -40,10 +40,12 @@ def _split_dim(role: str, kind: str, layout: str) -> tuple[int | None, bool]:
 
 
 def peft_to_sharded(peft_dir: str | Path, base_dir: str | Path, dst: str | Path, tp: int = 1, pp: int = 1,
-                    overwrite: bool = False) -> Path:
-    """Write the PEFT adapter at ``peft_dir`` as a sharded checkpoint for ``tp`` x ``pp``."""
+                    overwrite: bool = False, first_stage_layers: int | None = None,
+                    last_stage_layers: int | None = None) -> Path:
+    """Write the PEFT adapter at ``peft_dir`` as a sharded checkpoint for ``tp`` x ``pp`` (with
+    the first / last pipeline stage holding ``first_stage_layers`` / ``last_stage_layers``)."""
     config, tensors = read_adapter(peft_dir)
-    spec = read_spec(base_dir)
+    spec = read_spec(base_dir).with_pipeline(first_stage_layers, last_stage_layers)
     spec.check_layout(tp, pp)
     table = hf_module_table(spec)
     shard, metas = {}, {}
@@ -82,6 +84,7 @@ def peft_to_sharded(peft_dir: str | Path, base_dir: str | Path, dst: str | Path,
                     "files": {"adapter-tp00-pp00.safetensors": {"sha256": sha256_of(single / "adapter-tp00-pp00.safetensors")}},
                     "tensors": metas}
         (single / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        return reshard_checkpoint(single, dst, tp, pp, overwrite=overwrite)
+        return reshard_checkpoint(single, dst, tp, pp, overwrite=overwrite, first_stage_layers=first_stage_layers,
+                                  last_stage_layers=last_stage_layers)
     finally:
         shutil.rmtree(work, ignore_errors=True)

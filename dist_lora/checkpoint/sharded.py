@@ -26,10 +26,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dist_lora.adapters.hotswap import AUTO, check_fits, prepare_loaded, resolve_hotswap, unwrap_compiled
 from dist_lora.adapters.model import view
 from dist_lora.adapters.registry import existing, require_adapter
 from dist_lora.checkpoint.atomic import check_target, publish, recover, temporary_sibling
 from dist_lora.checkpoint.entries import Entry, entries, is_training_state
+from dist_lora.checkpoint.hotswap import CheckpointTensors, swap_in
 from dist_lora.checkpoint.methods import add_from_config, config_from_dict
 from dist_lora.checkpoint.reshard import overlaps, padded_extent, pieces
 from dist_lora.config.lora import LoraConfig
@@ -104,6 +106,15 @@ def write_sharded(model, path: str | Path, adapter_name: str, mine: list[Entry],
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _layout(lay: dict) -> dict:
+    """The manifest's layout: TP and PP sizes, and the layers of each stage when PP > 1
+    (informational: loading places tensors by their global layer index, on any layout)."""
+    out = {"tp": lay["tp"], "pp": lay["pp"]}
+    if lay["pp"] > 1:
+        out["stage_layers"] = lay["stage_layers"]
+    return out
+
+
 def _write_manifest(tmp: Path, parts, config: LoraConfig, adapter_name: str, lay: dict, extra: dict) -> None:
     tensors, files = {}, {}
     for file, tp_rank, digests, described in parts:
@@ -112,7 +123,7 @@ def _write_manifest(tmp: Path, parts, config: LoraConfig, adapter_name: str, lay
             entry = tensors.setdefault(key, {**meta, "files": {}})
             entry["files"][file] = tp_rank
     manifest = {"format": FORMAT, "adapter_name": adapter_name, "adapter_config": config.to_dict(),
-                "layout": {"tp": lay["tp"], "pp": lay["pp"]}, "model_config": lay["model_config"],
+                "layout": _layout(lay), "model_config": lay["model_config"],
                 "files": dict(sorted(files.items())), "tensors": dict(sorted(tensors.items())), **extra}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
@@ -203,7 +214,7 @@ class ShardReader:
         return out
 
 
-def load_adapter(model, path: str | Path, adapter_name: str = "default") -> None:
+def load_adapter(model, path: str | Path, adapter_name: str = "default", hotswap: bool | str = AUTO) -> None:
     """Load a sharded adapter checkpoint onto ``model``'s layout (any TP / PP), collectively.
 
     The adapter is created from the checkpoint's config (LoRA or AdaLoRA, by its ``peft_type``)
@@ -213,15 +224,30 @@ def load_adapter(model, path: str | Path, adapter_name: str = "default") -> None
     the checkpoint with the same global shape; errors (missing or corrupted shard, checksum
     mismatch, a checkpoint of another model or method) are raised on every rank and leave the
     model's adapter weights and config unchanged.
+
+    ``hotswap=True`` copies a LoRA checkpoint of any rank up to the loaded one's, with its own
+    alpha / rsLoRA / patterns, into the existing adapter ``adapter_name`` in place (each rank
+    reads only its slices); ``"auto"`` (default) does so when hotswap is enabled
+    (:func:`~dist_lora.adapters.hotswap.enable_hotswap`) and the adapter exists.
     """
+    model = unwrap_compiled(model)
     path = Path(path)
-    manifest, current = None, existing(model).get(adapter_name)
+    manifest, config, current, swapping = None, None, existing(model).get(adapter_name), False
     with on_every_rank(f"loading adapter from {path}"):
         manifest = read_manifest(path)
         config = config_from_dict(manifest["adapter_config"])
         _check_same_model(model, manifest, path)
-        if current is not None:
+        swapping = resolve_hotswap(model, adapter_name, hotswap)
+        if swapping:
+            pass
+        elif current is not None:
             current.check_loadable(config)
+        else:
+            check_fits(model, config, {".".join(k.split(".")[:-1]): m["shape"][0] for k, m in manifest["tensors"].items()
+                                       if m["role"] == "lora_A"}, str(path))
+    if swapping:
+        swap_in(model, config, CheckpointTensors(manifest, ShardReader(path, manifest), str(path)), adapter_name)
+        return
     if current is None:
         add_from_config(model, config, adapter_name)
     mine, reader, staged = entries(model, adapter_name), ShardReader(path, manifest), []
@@ -239,6 +265,8 @@ def load_adapter(model, path: str | Path, adapter_name: str = "default") -> None
     if unused:
         raise ValueError(f"the checkpoint has tensors this model's adapter does not have: {unused[:5]} "
                          f"(was it saved from another model or config?)")
+    if current is None:
+        prepare_loaded(model, adapter_name)
 
 
 _MODEL_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "num_kv_heads",

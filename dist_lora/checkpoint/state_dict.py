@@ -46,7 +46,7 @@ def _factor_entries(layer: AdapterLayer, factors: LoraFactors, spec, gradients: 
     for name, layout in factors.layouts().items():
         param = getattr(factors, name)
         value = param.grad if gradients else param
-        value = torch.zeros_like(param) if value is None else value
+        value = factors.held(name, torch.zeros_like(param) if value is None else value)
         full = _gather(value, layout, layer.shard.tp_group)
         slot = factors.slot
         for hf, tensor in split_fused(slot.fused, full, slot.hf_names, spec, shared=name == "lora_A").items():
@@ -99,7 +99,8 @@ def _adapter_state_dict(model: nn.Module, adapter_name: str, gradients: bool) ->
     out: dict[str, torch.Tensor] = {}
     for _, layer in adapter_layers(model):
         for factors in layer.factors_of(adapter_name).values():
-            out.update(_factor_entries(layer, factors, spec, gradients))
+            if not factors.vacant:  # vacant: a hotswapped adapter that does not target this slot
+                out.update(_factor_entries(layer, factors, spec, gradients))
     for _, module in saved_modules(model):
         if adapter_name in module.copies:
             param = module.copies[adapter_name]
@@ -152,6 +153,8 @@ def set_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ada
         with torch.no_grad(), gathered(adapter_parameters(model), modify=True):
             for _, layer in adapter_layers(model):
                 for factors in layer.factors_of(adapter_name).values():
+                    if factors.vacant:
+                        continue
                     slot, tensors = factors.slot, {}
                     for name in factors.layouts():
                         keys = [peft_key(hf, _kind(layer, factors), name) for hf in slot.hf_names]

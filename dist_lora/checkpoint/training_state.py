@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from dist_lora.adapters.hotswap import refuse_padded
 from dist_lora.adapters.registry import existing, require_adapter
 from dist_lora.checkpoint.entries import entries
 from dist_lora.checkpoint.methods import config_from_dict, training_state_module
@@ -83,6 +84,8 @@ def save_training_state(model, optimizer: torch.optim.Optimizer, path: str | Pat
     """Collective: the adapter, ``optimizer``'s state of its parameters, ``step``,
     ``data_position`` and ``extra`` (JSON-serialisable, e.g. a scheduler's ``state_dict``), and
     every rank's RNG states, written atomically to ``path``."""
+    with on_every_rank(f"saving training state to {path}"):
+        refuse_padded(model, adapter_name, "training checkpoints")
     mine = entries(model, adapter_name) + _state_entries(model, adapter_name, optimizer.state, "optim")
     method = training_state_module(require_adapter(model, adapter_name))
     if method is not None:
@@ -118,7 +121,9 @@ def load_training_state(model, optimizer: torch.optim.Optimizer, path: str | Pat
         method = None if config is None else training_state_module(config)
         if method is not None:
             method.check_resumable(config, config_from_dict(manifest["adapter_config"]))
-    load_adapter(model, path, adapter_name)
+        if config is not None:
+            refuse_padded(model, adapter_name, "training checkpoints")
+    load_adapter(model, path, adapter_name, hotswap=False)
     method = training_state_module(require_adapter(model, adapter_name))
     staged, own = {}, {}
     with on_every_rank(f"loading training state from {path}"):

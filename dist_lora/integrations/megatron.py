@@ -14,6 +14,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -25,8 +26,11 @@ with warnings.catch_warnings():
         model_parallel_cuda_manual_seed,
     )
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-
+    from megatron.core.transformer.utils import is_layer_window_attention
 
 
 def local_linear(layer, x, weight):
@@ -45,13 +49,18 @@ __all__ = [
     "DistributedDataParallel",
     "DistributedDataParallelConfig",
     "GPTModel",
+    "MLP",
+    "ModuleSpec",
+    "RotaryEmbedding",
     "RowParallelLinear",
+    "SelfAttention",
     "TransformerBlockSubmodules",
     "TransformerConfig",
     "VocabParallelEmbedding",
     "get_cuda_rng_tracker",
     "get_forward_backward_func",
     "get_gpt_layer_local_spec",
+    "is_layer_window_attention",
     "local_linear",
     "model_parallel_cuda_manual_seed",
     "parallel_state",

@@ -47,8 +47,10 @@ class LoraEmbedding(AdapterLayer):
         local = (ids - base.vocab_start_index).masked_fill(outside, 0)
         part = base.weight[local] if getattr(base, "deterministic_mode", False) else F.embedding(local, base.weight)
         part.masked_fill_(outside.unsqueeze(-1), 0.0)
-        entries = [Entry(f.slot, h=F.embedding(local, f.lora_A.t()).masked_fill(outside.unsqueeze(-1), 0.0),
-                         lora_b=f.lora_B, alpha=f.scaling) for f in live]
+        entries = []
+        for f in live:
+            h, alpha = f.scale_hidden(F.embedding(local, f.lora_A.t()).masked_fill(outside.unsqueeze(-1), 0.0))
+            entries.append(Entry(f.slot, h=h, lora_b=f.lora_B, alpha=alpha))
         part = into_slots(part, entries)
         if base.reduce_scatter_embeddings:  # [b, s, h] -> [s/p, b, h]
             return reduce_scatter_first_dim(part.transpose(0, 1).contiguous(), group)

@@ -11,6 +11,13 @@ tensor                        global shape                sharded like
 
 For embeddings PEFT names the factors ``lora_embedding_A`` [r, vocab] and ``lora_embedding_B``
 [h, r]; they live in the same two attributes here.
+
+**Capacity** (hotswapping, :mod:`dist_lora.adapters.hotswap`): the tensors may have more rank
+rows than the adapter they hold, ``capacity >= r``; rows / columns ``r..capacity`` of A / B are
+zero, so they add nothing. ``r`` is then the held adapter's rank (what checkpoints and exports
+see, through :meth:`LoraFactors.held`), ``r == 0`` a *vacant* slot (a swapped-in adapter that
+does not target it: all zero). ``scaling`` is a float, or a 0-dim tensor buffer after
+:meth:`LoraFactors.scaling_as_tensor`, so a swap changes its value and nothing else.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ class LoraFactors(nn.Module):
         self.a_layout = shard.a_layout
         a_in = self.a_layout.local(torch.empty(0, shard.in_features, device="meta"), shard.tp, shard.rank).shape[1]
         b_rows = slot.b_layout.local(torch.empty(slot.out_features, 0, device="meta"), shard.tp, shard.rank).shape[0]
+        self._capacity = r  # kept, not read off lora_A: ZeRO-3 partitions parameters to shape (0,)
         self.lora_A = nn.Parameter(torch.zeros(r, a_in, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(b_rows, r, dtype=dtype))
         self.lora_bias = nn.Parameter(torch.zeros(b_rows, dtype=dtype)) if lora_bias else None
@@ -61,7 +69,8 @@ class LoraFactors(nn.Module):
 
     @torch.no_grad()
     def load_global(self, tensors: dict[str, torch.Tensor], shard: BaseShard) -> None:
-        """Copy this rank's shard of each given global tensor into place (shapes checked)."""
+        """Copy this rank's shard of each given global tensor into place (shapes checked); rank
+        rows beyond ``r`` (hotswap padding) are zeroed."""
         shapes = self.global_shapes(shard)
         layouts = self.layouts()
         for name, full in tensors.items():
@@ -69,12 +78,75 @@ class LoraFactors(nn.Module):
                 raise KeyError(f"{name} is not a tensor of this adapter (has {sorted(shapes)})")
             if tuple(full.shape) != shapes[name]:
                 raise ValueError(f"{name}: expected global shape {shapes[name]}, got {tuple(full.shape)}")
-            getattr(self, name).copy_(layouts[name].local(full, shard.tp, shard.rank))
+            target = self.held(name)
+            if target is not getattr(self, name):
+                getattr(self, name).zero_()
+            target.copy_(layouts[name].local(full, shard.tp, shard.rank))
+
+    # -- capacity and scaling (hotswapping) ------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """Rank of the tensors: ``r``, or the rank they were padded to for hotswapping."""
+        return self._capacity
+
+    @property
+    def vacant(self) -> bool:
+        """Zero tensors standing in for a module the swapped-in adapter does not target."""
+        return self.r == 0
+
+    def held(self, name: str, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """The part of ``tensor`` (default: the parameter ``name``, or anything shaped like it,
+        e.g. its gradient) that holds the rank-``r`` adapter: ``lora_A[:r]``, ``lora_B[:, :r]``
+        (a view), the whole tensor for the other roles or when nothing is padded."""
+        tensor = getattr(self, name) if tensor is None else tensor
+        if self.r == self.capacity or name not in ("lora_A", "lora_B"):
+            return tensor
+        return tensor.narrow(0 if name == "lora_A" else 1, 0, self.r)
+
+    @torch.no_grad()
+    def pad_rank(self, capacity: int) -> None:
+        """Give A and B ``capacity`` rank rows (zeros beyond the current ones): new parameters,
+        same values, same ``requires_grad``; the layer's output is unchanged."""
+        if capacity < self.capacity:
+            raise ValueError(f"cannot pad rank {self.capacity} down to {capacity}")
+        for name, dim in (("lora_A", 0), ("lora_B", 1)):
+            old = getattr(self, name)
+            if old.shape[dim] == capacity:
+                continue
+            shape = list(old.shape)
+            shape[dim] = capacity
+            new = old.new_zeros(shape)
+            new.narrow(dim, 0, old.shape[dim]).copy_(old)
+            param = nn.Parameter(new, requires_grad=old.requires_grad)
+            param.__dict__.update(old.__dict__)  # flags other code set on the parameter
+            setattr(self, name, param)
+        self._capacity = capacity
+
+    def scaling_as_tensor(self) -> None:
+        """Hold ``scaling`` as a 0-dim (non-persistent) buffer in the factors' dtype, so changing it
+        (:meth:`set_scaling`) changes a tensor's value, not a Python constant torch.compile baked in."""
+        if isinstance(self.scaling, torch.Tensor):
+            return
+        value = self.scaling
+        del self.scaling
+        self.register_buffer("scaling", torch.tensor(value, dtype=self.lora_A.dtype, device=self.lora_A.device),
+                             persistent=False)
+
+    def set_scaling(self, value: float) -> None:
+        """Set ``scaling`` in place (a tensor keeps its storage)."""
+        if isinstance(self.scaling, torch.Tensor):
+            self.scaling.fill_(value)
+        else:
+            self.scaling = value
 
     def scale_hidden(self, h: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The hidden as ``B`` reads it and the scalar its product is multiplied by, for the hidden
         ``h = x A^T`` [.., r] (a partial sum over TP on row layers): ``(h, s)`` for LoRA, so the
-        scaling rides on the ``B`` matmul (its ``alpha``) and no tensor is scaled."""
+        scaling rides on the ``B`` matmul (its ``alpha``) and no tensor is scaled. A tensor scaling
+        (hotswapping) multiplies the narrow hidden instead: ``(h * s, 1)``."""
+        if isinstance(self.scaling, torch.Tensor):
+            return h * self.scaling.to(h.dtype), 1.0
         return h, self.scaling
 
     def tp_partial_gradients(self, shard: BaseShard) -> list[nn.Parameter]:

@@ -21,7 +21,8 @@ rounded into ``out`` once.
 Autograd sees one node. Its backward passes the output's gradient through as the base output's
 gradient (the same tensor when no slot is scaled; one copy otherwise, whose scaled slots are
 multiplied in place), and computes each product entry's ``dL/dh = alpha dV B`` and
-``dL/dB = alpha dV^T h`` straight from the slot's view of that gradient.
+``dL/dB = alpha dV^T h`` straight from the slot's view of that gradient. Under torch.compile the
+same entries run as ordinary autograd ops on the views (dynamo cannot trace the node).
 """
 
 from __future__ import annotations
@@ -179,9 +180,29 @@ def _tensors(e: Entry) -> list[torch.Tensor]:
     return [t for t in (e.h, e.lora_b, e.bias, e.scale) if t is not None]
 
 
+def _traced(out: torch.Tensor, entries: list[Entry]) -> torch.Tensor:
+    """The same entries as ordinary autograd ops on the slots' views (under torch.compile: dynamo
+    traces them into its graph, where the hand-written node above would break it)."""
+    for e in entries:
+        view = e.slot.view(out)
+        if e.delta is not None:
+            view.add_(e.slot.grouped(e.delta) if e.delta.dim() == 1 else e.delta.reshape(view.shape))
+            continue
+        prod = (torch.matmul(e.h, e.lora_b.t()) * e.alpha).reshape(view.shape)
+        if e.bias is not None:
+            prod = prod + e.slot.grouped(e.bias)
+        if e.scale is None:
+            view.add_(prod.to(view.dtype))
+        else:
+            view.copy_((view.to(prod.dtype) + prod) * e.slot.grouped(e.scale))
+    return out
+
+
 def into_slots(out: torch.Tensor, entries: list[Entry]) -> torch.Tensor:
     """Apply ``entries`` to ``out`` in place (see module docstring); returns ``out``. ``out`` must
     be a fresh tensor that nothing else saved for backward."""
     if not entries:
         return out
+    if torch.compiler.is_compiling():
+        return _traced(out, entries)
     return _IntoSlots.apply(out, tuple(entries), *[t for e in entries for t in _tensors(e)])

@@ -1,4 +1,4 @@
-"""Megatron-Core GPT models from Hugging Face checkpoints (Llama, Mistral, Qwen2 layouts).
+"""Megatron-Core GPT models from Hugging Face checkpoints (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text).
 
 Attributes are imported on first use (PEP 562), so offline tools that only need the config
 tables (``dist_lora.models.spec``) do not pay for importing megatron-core.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dist_lora.models.build import build_gpt
+from dist_lora.models.build import build_gpt, check_stage_layers
 from dist_lora.models.hf_checkpoint import HFCheckpoint
 from dist_lora.models.layouts import read_local
 from dist_lora.models.mapping import bind, check_coverage
@@ -43,24 +43,33 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype = torch.float32,
-                    groups: ParallelGroups | None = None) -> torch.nn.Module:
+                    groups: ParallelGroups | None = None, first_stage_layers: int | None = None,
+                    last_stage_layers: int | None = None) -> torch.nn.Module:
     """Build this rank's Megatron-Core ``GPTModel`` shard from an HF model directory.
 
     Each rank reads only the slices of the safetensors files that its TP rank and PP stage own
     (``model.dist_lora.bytes_read`` says how many bytes). Any bad input (missing or truncated
     file, unsupported architecture, a TP size that does not divide the heads, KV heads or FFN
-    size, more stages than layers) raises the same error on every rank.
+    size, a pipeline layout that cannot hold the model) raises the same error on every rank
+    before any weight is read.
+
+    Pipeline stages: when PP divides the layers every stage holds the same number; otherwise the
+    stages are balanced automatically (:mod:`dist_lora.models.pipeline_layout`), or
+    ``first_stage_layers`` / ``last_stage_layers`` give the first / last stage that many layers
+    and the other stages split the rest evenly (Megatron-Core's
+    ``num_layers_in_first_pipeline_stage`` / ``num_layers_in_last_pipeline_stage``).
     """
     groups = groups or current_groups()
     spec = ckpt = None
     with on_every_rank(f"loading {path}"):
-        spec = read_spec(path)
+        spec = read_spec(path).with_pipeline(first_stage_layers, last_stage_layers)
         spec.check_layout(groups.tp_size, groups.pp_size)
         ckpt = HFCheckpoint(path)
 
     model = build_gpt(spec, groups, dtype)
     params = dict(model.named_parameters())
     with on_every_rank(f"loading {path}"):
+        check_stage_layers(model, spec, groups)
         bound = bind(spec, params, groups.pp_rank, groups.pp_size)
         check_coverage(bound, params)
         with torch.no_grad():

@@ -4,10 +4,10 @@
 the sum of exponentials and the target logit are reduced over TP with differentiable
 collectives, and the padding rows of the vocabulary are masked to -inf so they never count.
 ``forward_backward`` runs micro-batches (through Megatron's pipeline schedule when PP > 1) and
-returns the loss on every rank; DoRA's weight norms are computed once for all of them.
-``finalize_grads`` averages gradients over data-parallel ranks and sums over TP the gradients
-that are partial sums there (sequence-parallel norm weights and biases; the replicated adapter
-factors whose product joins the base layer's own collective), in buckets.
+returns the token-mean loss of the global batch on every rank; DoRA's weight norms are computed once
+for all micro-batches. ``finalize_grads`` averages gradients over data-parallel ranks and sums over TP
+the gradients that are partial sums there (sequence-parallel norm weights and biases; the replicated
+adapter factors whose product joins the base layer's own collective), in buckets.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import dataclasses
 import torch
 
 from dist_lora.adapters.registry import adapter_layers, saved_modules
-from dist_lora.layers.dora import held_norms
 from dist_lora.integrations.megatron import (
     DistributedDataParallel,
     DistributedDataParallelConfig,
     get_forward_backward_func,
 )
 from dist_lora.integrations.megatron_cpu import cpu_device_mode
+from dist_lora.layers.dora import held_norms
 from dist_lora.models.loading import model_info
 from dist_lora.parallel.collectives import all_reduce_, all_reduce_coalesced_, broadcast_, reduce_from_group
 
@@ -49,10 +49,19 @@ def cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor, vocab_size: 
     return loss.masked_fill(labels == IGNORE_INDEX, 0.0)
 
 
-def _mean_loss(local_logits, labels, spec, groups) -> torch.Tensor:
-    per_token = cross_entropy(local_logits, labels, spec.vocab_size, groups.tp_group, groups.tp_rank)
-    count = (labels != IGNORE_INDEX).sum().clamp(min=1)
-    return per_token.sum() / count
+def token_count(labels: torch.Tensor, groups) -> torch.Tensor:
+    """Collective over DP: the number of labels that count (not -100) in the global batch, the
+    local ``labels`` [batch, seq] summed over the data-parallel ranks (an int64 scalar)."""
+    count = (labels != IGNORE_INDEX).sum().to(torch.int64)
+    return all_reduce_(count, groups.dp_group) if groups.dp_size > 1 else count
+
+
+def _summed_loss(local_logits, labels, spec, groups) -> torch.Tensor:
+    return cross_entropy(local_logits, labels, spec.vocab_size, groups.tp_group, groups.tp_rank).sum()
+
+
+def _chunks(tensor: torch.Tensor | None, n: int) -> list:
+    return [None] * n if tensor is None else list(tensor.chunk(n))
 
 
 def dora_slots(model) -> list:
@@ -62,20 +71,33 @@ def dora_slots(model) -> list:
 
 
 def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_microbatches: int = 1,
-                     forward_only: bool = False) -> torch.Tensor:
-    """Mean token loss of the batch (mean over micro-batches of their token means), on every
-    rank; gradients are accumulated into ``.grad`` unless ``forward_only``.
+                     forward_only: bool = False, position_ids: torch.Tensor | None = None,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Token-mean loss of the global batch, on every rank; gradients of that mean are accumulated
+    into ``.grad`` (or DDP's buckets) unless ``forward_only``.
 
-    ``input_ids`` and ``labels`` are [batch, seq] (labels already shifted; -100 is ignored);
-    the batch splits into ``num_microbatches`` equal micro-batches along dim 0. DoRA's detached
-    weight norms are computed once, before the first micro-batch (row layers: one all-reduce for
-    the stage), and read by every forward (:func:`dist_lora.layers.dora.held_norms`).
+    The mean is over every label that is not -100 in the whole step: all micro-batches of all
+    data-parallel ranks, each token counted once however the tokens fall on micro-batches, ranks
+    and pipeline stages (what a single device computes on the concatenated batch). The count is
+    all-reduced over DP first; each micro-batch then back-propagates ``sum(loss) * dp / count``
+    (``finalize_grads`` divides by ``dp`` when it averages over DP ranks).
+
+    ``input_ids`` and ``labels`` are this DP rank's [batch, seq] (labels already shifted; -100 is
+    ignored); the batch splits into ``num_microbatches`` equal micro-batches along dim 0.
+    ``position_ids`` [batch, seq] default to ``0 .. seq-1``; ``attention_mask`` [batch, 1, seq, seq]
+    bool (True = may not attend, Megatron's convention) replaces the causal mask, e.g. a
+    block-diagonal causal mask for packed documents (refused for sliding-window models, whose
+    attention builds its own window mask and would ignore it).
+    DoRA's detached weight norms are computed once, before the first micro-batch (row layers: one
+    all-reduce for the stage), and read by every forward (:func:`dist_lora.layers.dora.held_norms`).
     """
     with held_norms(dora_slots(model)):
-        return _forward_backward(model, input_ids, labels, num_microbatches, forward_only)
+        return _forward_backward(model, input_ids, labels, num_microbatches, forward_only, position_ids,
+                                 attention_mask)
 
 
-def _forward_backward(model, input_ids, labels, num_microbatches, forward_only) -> torch.Tensor:
+def _forward_backward(model, input_ids, labels, num_microbatches, forward_only, position_ids,
+                      attention_mask) -> torch.Tensor:
     info = model_info(model)
     groups, spec = info.groups, info.spec
     batch, seq = input_ids.shape
@@ -83,37 +105,47 @@ def _forward_backward(model, input_ids, labels, num_microbatches, forward_only) 
         raise ValueError(f"batch size {batch} does not split into {num_microbatches} micro-batches")
     if groups.sequence_parallel and seq % groups.tp_size:
         raise ValueError(f"sequence length {seq} must be divisible by the TP size {groups.tp_size} with SP")
-    ids_mb, labels_mb = input_ids.chunk(num_microbatches), labels.chunk(num_microbatches)
-    positions = torch.arange(seq).unsqueeze(0).expand(batch // num_microbatches, -1)
+    if attention_mask is not None and spec.sliding_window is not None:
+        raise ValueError("an attention_mask cannot be combined with a sliding-window model: Megatron's local "
+                         "attention replaces it with its window mask (documents would see each other)")
+    scale = groups.dp_size / token_count(labels, groups).clamp(min=1).item()
+    if position_ids is None:
+        position_ids = torch.arange(seq).unsqueeze(0).expand(batch, -1)
+    micro = list(zip(input_ids.chunk(num_microbatches), labels.chunk(num_microbatches),
+                     position_ids.chunk(num_microbatches), _chunks(attention_mask, num_microbatches)))
     if groups.pp_size == 1:
         total = torch.zeros(())
-        for ids, lab in zip(ids_mb, labels_mb):
-            loss = _mean_loss(model(ids, positions, attention_mask=None), lab, spec, groups) / num_microbatches
+        for ids, lab, pos, mask in micro:
+            summed = _summed_loss(model(ids, pos, attention_mask=mask), lab, spec, groups)
             if not forward_only:
-                loss.backward()
-            total += loss.detach()
-        return total
-    batches = iter(zip(ids_mb, labels_mb))
-    losses = []
+                (summed * scale).backward()
+            total += summed.detach()
+    else:
+        batches = iter(micro)
+        sums = []
 
-    def forward_step(_iterator, chunk):
-        ids, lab = next(batches)
-        out = chunk(ids, positions, attention_mask=None)
+        def forward_step(_iterator, chunk):
+            ids, lab, pos, mask = next(batches)
+            out = chunk(ids, pos, attention_mask=mask)
 
-        def loss_func(output):
-            loss = _mean_loss(output, lab, spec, groups)
-            losses.append(loss.detach().clone())  # the schedule divides the returned tensor in place
-            return loss, {"loss": loss.detach()}
+            def loss_func(output):
+                summed = _summed_loss(output, lab, spec, groups)
+                sums.append(summed.detach().clone())
+                # Megatron's schedule divides a (loss, dict) result by num_microbatches: undo it
+                return summed * (scale * num_microbatches), {"loss": summed.detach()}
 
-        return out, loss_func
+            return out, loss_func
 
-    with cpu_device_mode():
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([None] * num_microbatches), model=[model],
-            num_microbatches=num_microbatches, seq_length=seq, micro_batch_size=batch // num_microbatches,
-            forward_only=forward_only)
-    total = torch.stack(losses).mean() if losses else torch.zeros(())
-    return broadcast_(total.clone(), groups.pp_size - 1, groups.pp_group)
+        with cpu_device_mode():
+            get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iter([None] * num_microbatches), model=[model],
+                num_microbatches=num_microbatches, seq_length=seq, micro_batch_size=batch // num_microbatches,
+                forward_only=forward_only)
+        total = torch.stack(sums).sum() if sums else torch.zeros(())
+        total = broadcast_(total.clone(), groups.pp_size - 1, groups.pp_group)
+    if groups.dp_size > 1:
+        total = all_reduce_(total.clone(), groups.dp_group)
+    return total * (scale / groups.dp_size)
 
 
 def use_megatron_ddp(model, bucket_size: int | None = None) -> None:

@@ -100,6 +100,9 @@ def check(config: FinetuneConfig, runner: str) -> None:
     elif name == "eva" and runner == "deepspeed":
         raise ValueError("lora.init_lora_weights='eva' is supported by launch/finetune.py (Megatron models); "
                          "the DeepSpeed recipe takes the other initialisations")
+    elif name == "eva" and config.data.packing:
+        raise ValueError("lora.init_lora_weights='eva' with data.packing: EVA's forward passes take no document "
+                         "mask, so packed documents would see each other; set data.packing: false")
 
 
 @dataclass
@@ -123,8 +126,8 @@ class _EvaBatches:
 
     def __iter__(self):
         for step in range(self.steps):
-            ids, labels = self.batches(step)
-            yield {"input_ids": ids, "labels": labels}
+            batch = self.batches(step)
+            yield {"input_ids": batch.input_ids, "labels": batch.labels}
 
 
 def apply(model, config: FinetuneConfig, batches, out: Path) -> Applied:
@@ -137,7 +140,7 @@ def apply(model, config: FinetuneConfig, batches, out: Path) -> Applied:
     else:
         dl.apply_lora(model, adapter)
     if name == "eva":
-        epoch = max(1, len(batches.data) // (batches.batch * batches.dp_size))
+        epoch = max(1, len(batches.samples) // (batches.batch * batches.dp_size))
         dl.initialize_lora_eva_weights(model, _EvaBatches(batches, epoch))
     if name in ("pissa", "olora"):
         applied.initial = out / INITIAL

@@ -1,6 +1,7 @@
 """What the Megatron and DeepSpeed fine-tuning loops share: the learning-rate schedule, the base
-model directory, data, the metrics log (progress bar + ``metrics.jsonl``), the ``latest``
-checkpoint pointer, the peft verification of the export, and the loss curve."""
+model directory, the metrics log (progress bar + ``metrics.jsonl``, training and validation
+loss), the validation loop, the ``latest`` checkpoint pointer, and the launcher's command line.
+(Data: :mod:`dist_lora.recipes.data`; the end of a run: :mod:`dist_lora.recipes.report`.)"""
 
 from __future__ import annotations
 
@@ -12,14 +13,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from dist_lora import parallel
-from dist_lora.integrations.bitsandbytes import quantize_4bit
 from dist_lora.parallel.collectives import RankError, broadcast_object, group_rank
-from dist_lora.recipes.adapter import release
 from dist_lora.recipes.config import FinetuneConfig, load_config
-from dist_lora.recipes.data import Batches, read_texts, samples, tokenizer_for
+from dist_lora.recipes.data import Batch
 from dist_lora.testing.tiny import save_tiny
 
 LATEST = "latest"
@@ -56,16 +53,6 @@ def base_dir(config: FinetuneConfig, out: Path, rank: int) -> Path:
     if error is not None:
         raise ValueError(error)
     return base
-
-
-def training_data(config: FinetuneConfig, base: Path, dp_size: int, dp_rank: int) -> tuple[torch.Tensor, Batches]:
-    """(held-out sequences [n, seq_len] for verification, this DP rank's training batches)."""
-    tokenizer = tokenizer_for(config.data.tokenizer, str(base))
-    data = samples(read_texts(config.data.path, config.data.format, config.data.text_field), tokenizer,
-                   config.data.seq_len)
-    held = min(config.data.holdout_sequences, max(1, len(data) // 10))
-    t = config.train
-    return data[-held:, :-1], Batches(data[:-held], t.micro_batch_size * t.micro_batches, dp_size, dp_rank)
 
 
 def latest(checkpoints: Path) -> Path | None:
@@ -109,75 +96,34 @@ class MetricsLog:
                                      tok_s=f"{record['tokens_per_s']:.0f}")
         self.bar.update()
 
+    def validation(self, step: int, loss: float, tokens: int) -> None:
+        """A ``{"step", "val_loss", "val_tokens"}`` row (step 0: before training)."""
+        if self.rank == 0:
+            with open(self.file, "a") as handle:
+                handle.write(json.dumps({"step": step, "val_loss": loss, "val_tokens": tokens}) + "\n")
+            self.bar.write(f"step {step}: validation loss {loss:.4f} ({tokens} tokens)")
+
     def close(self, out: Path, adapter: Path) -> None:
         self.bar.close()
-        if self.rank == 0 and self.file.exists():
-            plot(self.file, out / "loss.png")
+        if self.rank == 0:
             print(f"adapter: {adapter}  metrics: {self.file}  loss curve: {out / 'loss.png'}", flush=True)
 
 
-def verify(ours: torch.Tensor, base: Path, adapter: Path, holdout: torch.Tensor, tolerance: float, rank: int,
-           quantize: tuple[str, int] | None = None) -> str:
-    """Compare our logits on ``holdout`` with peft's (base + exported adapter) on rank 0; the
-    verdict on every rank. With a 4-bit base (``quantize`` = (type, blocksize)) peft runs on the
-    base whose linear weights (not lm_head) are replaced by the same dequantised values."""
-    verdict = None
-    if rank == 0:
-        import peft
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager", dtype=torch.float32)
-        if quantize is not None:
-            with torch.no_grad():
-                for name, module in model.named_modules():
-                    if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head":
-                        module.weight.copy_(quantize_4bit(module.weight, *quantize).dequantize())
-        reference = peft.PeftModel.from_pretrained(model, adapter).eval()
-        with torch.no_grad():
-            theirs = reference(holdout).logits.float()
-        diff = (ours.float() - theirs).abs().max().item()
-        ok = diff <= tolerance * max(1.0, theirs.abs().max().item())
-        verdict = f"peft verification {'OK' if ok else 'FAILED'}: max |logits - peft| = {diff:.2e}"
-    return broadcast_object(verdict)
+def validation_due(step: int, start: int, last: int, config: FinetuneConfig) -> bool:
+    """Whether the validation loss is computed after ``step`` (0: before training): before a fresh
+    run, every ``train.eval_every`` steps, and at the run's last step."""
+    every = config.train.eval_every
+    return (step == 0 and start == 0) or step == last or (every > 0 and step % every == 0 and step > start)
 
 
-def plot(metrics_file: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("dist_lora fine-tuning")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-
-
-def finish(model, logits: Callable[[torch.Tensor], torch.Tensor], config: FinetuneConfig, out: Path, base: Path,
-           holdout: torch.Tensor, rank: int, log: MetricsLog, applied) -> int:
-    """Release the adapter in PEFT's format (:func:`dist_lora.recipes.adapter.release`), verify each
-    export against peft (``logits``: our model's, a collective), draw the loss curve; the exit
-    code (1 when a verification fails)."""
-    exports = release(model, applied, out, base)
-    code = 0
-    if config.output.verify:
-        tolerance = config.output.verify_tolerance
-        if config.train.dtype != "float32":
-            tolerance = max(tolerance, 5e-2)
-        ours = logits(holdout)
-        for adapter in exports:
-            verdict = verify(ours, base, adapter, holdout, tolerance, rank, applied.quantize)
-            code = code or (0 if "OK" in verdict else 1)
-            if rank == 0:
-                print(f"{adapter.name}: {verdict}", flush=True)
-    log.close(out, exports[0])
-    return code
+def validation_loss(batches: list[Batch], evaluate: Callable[[Batch], tuple[float, int]]) -> tuple[float, int]:
+    """Token-mean loss over all ``batches`` (every rank its own, the same number on each) and the
+    number of tokens; ``evaluate(batch)`` returns the global (all DP ranks) loss sum and count."""
+    total, count = 0.0, 0
+    for batch in batches:
+        summed, tokens = evaluate(batch)
+        total, count = total + summed, count + tokens
+    return total / max(count, 1), count
 
 
 def launcher_main(doc: str, argv: list[str] | None, run_name: str) -> int:

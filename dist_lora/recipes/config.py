@@ -9,6 +9,7 @@ two; see :mod:`dist_lora.recipes.adapter`). Overrides use the same dotted names:
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,9 @@ from pathlib import Path
 import yaml
 
 from dist_lora.config.lora import LoraConfig
+from dist_lora.models.spec import spec_from_config
 from dist_lora.recipes.adapter import adapter_config, check
+from dist_lora.recipes.data.formats import FORMATS
 
 
 @dataclass
@@ -33,16 +36,24 @@ class ParallelSection:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     sequence_parallel: bool = False
+    # Layers of the first / last pipeline stage (the others split the rest evenly); null: every
+    # stage the same when pipeline_parallel divides the layers, else balanced automatically.
+    first_stage_layers: typing.Optional[int] = None
+    last_stage_layers: typing.Optional[int] = None
 
 
 @dataclass
 class DataSection:
     path: str = "data/demo.txt"
-    format: str = "text"  # text | jsonl
-    text_field: str = "text"
-    seq_len: int = 64
+    format: str = "text"  # text | jsonl | chat | completion (dist_lora/recipes/data/formats.py)
+    text_field: str = "text"  # jsonl: the field holding the text
+    seq_len: int = 64  # positions per sample (the most; chat / completion samples are padded or packed)
+    packing: bool = False  # chat / completion: pack whole documents per sample, attention kept inside each
+    truncate: bool = False  # a document longer than seq_len + 1 tokens: cut to that (true) or refused (false)
+    eval_path: typing.Optional[str] = None  # validation data in the same format (else a held-out tail of path)
+    cache_dir: typing.Optional[str] = None  # the token cache's folder (default: .dist_lora_cache beside the data)
     tokenizer: str = "auto"  # auto (the model directory's, else bytes) | bytes
-    holdout_sequences: int = 2
+    holdout_sequences: int = 2  # samples held out when there is no eval_path; rows of the peft verification
 
 
 @dataclass
@@ -58,6 +69,7 @@ class TrainSection:
     dtype: str = "float32"  # float32 | bfloat16
     seed: int = 1234
     log_every: int = 1
+    eval_every: int = 0  # validation loss every N steps (0: before and after training only)
     stop_at: typing.Optional[int] = None  # end this run after this step (checkpointed), e.g. for a time limit
 
 
@@ -72,6 +84,8 @@ class OutputSection:
     dir: str = "runs/demo"
     verify: bool = True
     verify_tolerance: float = 1e-4
+    answer_prompts: int = 0  # held-out prompts answered by the base and the fine-tuned model (exact match)
+    max_new_tokens: int = 32  # the length limit of those answers
 
 
 @dataclass
@@ -149,8 +163,12 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
     config = _build(FinetuneConfig, data, "")
     if (config.model.hf_dir is None) == (config.model.demo_config is None):
         raise ValueError("config needs exactly one of model.hf_dir and model.demo_config")
-    if config.data.format not in ("text", "jsonl"):
-        raise ValueError(f"data.format must be text or jsonl, got {config.data.format!r}")
+    if config.data.format not in FORMATS:
+        raise ValueError(f"data.format must be one of {', '.join(FORMATS)}, got {config.data.format!r}")
+    if FORMATS[config.data.format].stream and (config.data.packing or config.output.answer_prompts):
+        key = "data.packing" if config.data.packing else "output.answer_prompts"
+        raise ValueError(f"{key} needs data.format chat or completion (documents with prompts and answers); "
+                         f"{config.data.format} data is one token stream cut into windows")
     if config.data.tokenizer not in ("auto", "bytes"):
         raise ValueError(f"data.tokenizer must be auto or bytes, got {config.data.tokenizer!r}")
     if config.train.dtype not in ("float32", "bfloat16"):
@@ -160,5 +178,23 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> FinetuneConfig:
     for name in ("steps", "micro_batch_size", "micro_batches", "log_every"):
         if getattr(config.train, name) < 1:
             raise ValueError(f"train.{name} must be >= 1")
+    if config.train.eval_every < 0 or config.data.seq_len < 1:
+        raise ValueError("train.eval_every must be >= 0 and data.seq_len >= 1")
+    _check_layout(config)
     check(config, runner=None)
     return config
+
+
+def _check_layout(config: FinetuneConfig) -> None:
+    """The parallel layout against the model's config.json, when it can be read here (a missing
+    model directory is reported by the job itself, on every rank)."""
+    m, p = config.model, config.parallel
+    source = Path(m.demo_config) if m.demo_config is not None else Path(m.hf_dir) / "config.json"
+    if not source.is_file():
+        return
+    try:
+        spec = spec_from_config(json.loads(source.read_text()))
+        spec.with_pipeline(p.first_stage_layers, p.last_stage_layers).check_layout(p.tensor_parallel,
+                                                                                   p.pipeline_parallel)
+    except ValueError as err:
+        raise ValueError(f"parallel section does not fit {source}: {err}") from err

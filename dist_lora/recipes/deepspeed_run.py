@@ -24,10 +24,21 @@ import torch.nn.functional as F
 
 from dist_lora import parallel
 from dist_lora.integrations import deepspeed as ds
+from dist_lora.models.training import IGNORE_INDEX
 from dist_lora.parallel.collectives import all_reduce_
 from dist_lora.recipes import adapter
-from dist_lora.recipes.common import MetricsLog, base_dir, finish, latest, learning_rate, point_latest, training_data
+from dist_lora.recipes.common import (
+    MetricsLog,
+    base_dir,
+    latest,
+    learning_rate,
+    point_latest,
+    validation_due,
+    validation_loss,
+)
 from dist_lora.recipes.config import FinetuneConfig
+from dist_lora.recipes.data import recipe_data, validation_batches
+from dist_lora.recipes.report import finish
 
 
 def engine_config(config: FinetuneConfig) -> dict:
@@ -56,9 +67,15 @@ def engine_config(config: FinetuneConfig) -> dict:
     return data
 
 
-def _loss(engine, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _loss_sum(engine, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed token loss of one micro-batch (-100 labels ignored)."""
     logits = engine(ids).logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _global_count(labels: torch.Tensor, dp_group) -> int:
+    return int(all_reduce_((labels != IGNORE_INDEX).sum().to(torch.int64), dp_group).item())
 
 
 def check(config: FinetuneConfig) -> None:
@@ -69,6 +86,9 @@ def check(config: FinetuneConfig) -> None:
         raise ValueError("the DeepSpeed path is data-parallel only: set parallel.tensor_parallel=1, "
                          "parallel.pipeline_parallel=1, parallel.sequence_parallel=false (or use launch/finetune.py)")
     adapter.check(config, "deepspeed")
+    if config.data.packing:
+        raise ValueError("data.packing is supported by launch/finetune.py; the DeepSpeed recipe feeds the Hugging "
+                         "Face model without a document mask: set data.packing: false")
     engine_config(config)
 
 
@@ -85,8 +105,9 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
         out.mkdir(parents=True, exist_ok=True)
         checkpoints.mkdir(parents=True, exist_ok=True)
     base = base_dir(config, out, groups.rank)
+    data = recipe_data(config, base, groups.dp_size, groups.dp_rank)  # bad data fails here, on every rank
+    batches = data.train
     model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="eager", dtype=torch.float32).train()
-    holdout, batches = training_data(config, base, groups.dp_size, groups.dp_rank)
     applied = adapter.apply(model, config, batches, out)  # and the 4-bit base, if any
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=t.lr,
                                   weight_decay=t.weight_decay)
@@ -96,21 +117,41 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
     if resume_from is not None:
         start = ds.load_checkpoint(engine, resume_from)["data_position"]
     log = MetricsLog(out, config, start, groups.rank, groups.dp_size)
+    held_out = validation_batches(data.validation, t.micro_batch_size * t.micro_batches, groups.dp_size,
+                                  groups.dp_rank)
+
+    def evaluate(batch):
+        with torch.no_grad():
+            summed = _loss_sum(engine, batch.input_ids, batch.labels).detach()
+        return all_reduce_(summed, groups.dp_group).item(), _global_count(batch.labels, groups.dp_group)
+
+    def validate(step: int) -> None:
+        if validation_due(step, start, log.last, config):
+            engine.eval()
+            log.validation(step, *validation_loss(held_out, evaluate))
+            engine.train()
+
+    validate(start)
     for step in range(start, log.last):
         tick = time.perf_counter()
         lr = learning_rate(step, t)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        ids, labels = batches(step)
-        losses = []
-        for micro_ids, micro_labels in zip(ids.chunk(t.micro_batches), labels.chunk(t.micro_batches)):
-            loss = _loss(engine, micro_ids, micro_labels)
-            engine.backward(loss)
+        batch = batches(step)
+        # The token mean over the whole step: DeepSpeed divides each backward by the accumulation
+        # steps and averages over DP ranks, so each micro-batch's sum is scaled by (m * dp / count).
+        count = max(_global_count(batch.labels, groups.dp_group), 1)
+        scale = t.micro_batches * groups.dp_size / count
+        sums = []
+        for micro_ids, micro_labels in zip(batch.input_ids.chunk(t.micro_batches), batch.labels.chunk(t.micro_batches)):
+            summed = _loss_sum(engine, micro_ids, micro_labels)
+            engine.backward(summed * scale)
             engine.step()  # applies the update at the accumulation boundary only
-            losses.append(loss.detach())
-        loss = all_reduce_(torch.stack(losses).mean(), groups.dp_group).item() / groups.dp_size
+            sums.append(summed.detach())
+        loss = all_reduce_(torch.stack(sums).sum(), groups.dp_group).item() / count
         grad_norm = float(engine.get_global_grad_norm() or 0.0)
         log.step(step + 1, loss, lr, grad_norm, time.perf_counter() - tick)
+        validate(step + 1)
         if (step + 1) % config.checkpoint.every == 0 or step + 1 == log.last:
             name = f"step-{step + 1:06d}"
             ds.save_checkpoint(engine, checkpoints / name, {"step": step + 1, "data_position": step + 1})
@@ -126,6 +167,6 @@ def run(config: FinetuneConfig, resume: bool = False) -> int:
         with torch.no_grad():
             return engine(ids).logits
 
-    code = finish(model, logits, config, out, base, holdout, groups.rank, log, applied)
+    code = finish(model, logits, config, out, base, data, groups.rank, log, applied)
     parallel.shutdown()
     return code

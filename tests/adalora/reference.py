@@ -1,8 +1,8 @@
 """Single-device oracle for AdaLoRA: transformers + peft's AdaLoraModel and RankAllocator, float32.
 
-``adalora_reference`` trains PEFT's AdaLoRA on the tiny Llama for ``steps`` steps (AdamW, PEFT's
-loop: backward, step, ``update_and_allocate(step)``, zero_grad) and records, per step, the loss
-PEFT reports (cross-entropy + orthogonality penalty), the rank pattern and the adapter tensors.
+``adalora_reference`` trains PEFT's AdaLoRA on a tiny model (the 2-layer Llama unless told) for
+``steps`` steps (AdamW, PEFT's loop: backward, step, ``update_and_allocate(step)``, zero_grad) and
+records, per step, the loss PEFT reports (cross-entropy + orthogonality penalty), the rank pattern and the adapter tensors.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from dist_lora.testing.tiny import TINY_CONFIGS, hf_model
 ADAM_EPS = 1e-6  # as in tests/layers/test_lora_distributed.py: keeps AdamW about the gradients
 
 
-def peft_adalora(config: dict, state: dict | None = None):
+def peft_adalora(config: dict, state: dict | None = None, family: str = "llama"):
     import peft
 
-    model = peft.get_peft_model(hf_model(TINY_CONFIGS["llama"]), peft.AdaLoraConfig(**config))
+    model = peft.get_peft_model(hf_model(TINY_CONFIGS[family]), peft.AdaLoraConfig(**config))
     if state is not None:
         params = trainable(model)
         with torch.no_grad():
@@ -39,8 +39,8 @@ def strip_pattern(pattern: dict | None) -> dict | None:
 # task_type="CAUSAL_LM" matters: without it PeftModel.forward calls the HF model directly and
 # skips AdaLoraModel.forward, so PEFT silently trains without the orthogonality penalty.
 def adalora_reference(config: dict, ids: torch.Tensor, labels: torch.Tensor, steps: int, lr: float,
-                      seed: int = 3) -> dict:
-    model = peft_adalora(dict(config, task_type="CAUSAL_LM"))
+                      seed: int = 3, family: str = "llama") -> dict:
+    model = peft_adalora(dict(config, task_type="CAUSAL_LM"), family=family)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # Lambda starts at zero in PEFT; random values make every score non-trivial
         for name, p in model.named_parameters():

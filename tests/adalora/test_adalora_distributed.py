@@ -47,6 +47,7 @@ from dist_lora.testing.tiny import TINY_CONFIGS, hf_model, save_tiny
 from tests.adalora.reference import ADAM_EPS, adalora_reference, shifted
 
 BATCH, SEQ, STEPS, LR = 4, 8, 10, 1e-2
+UNEVEN_STEPS = 8  # through the final mask (step 7) on the 3-layer Llama
 CONFIG = dict(init_r=4, target_r=2, lora_alpha=8, tinit=2, tfinal=3, deltaT=1, total_step=STEPS,
               orth_reg_weight=0.5, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj"])
@@ -60,13 +61,16 @@ def _batch():
 
 def prepare(tmp: Path) -> dict:
     save_tiny(TINY_CONFIGS["llama"], tmp / "llama")
+    save_tiny(TINY_CONFIGS["llama_3_layers"], tmp / "llama_3_layers")
     ids, labels = _batch()
+    uneven = adalora_reference(CONFIG, ids, labels, steps=UNEVEN_STEPS, lr=LR, family="llama_3_layers")
+    torch.save({"ids": ids, "labels": labels, **uneven}, tmp / "ref_3_layers.pt")
     ref = adalora_reference(CONFIG, ids, labels, steps=STEPS, lr=LR)
     kept = [sum(map(sum, p.values())) if p else None for p in ref["patterns"]]
     # The scenario must cover every phase, else the comparison proves less than it claims.
     assert kept[:3] == [None] * 3 and kept[3] > kept[4] > kept[6] and kept[7:] == [28] * 3, kept
     torch.save({"ids": ids, "labels": labels, **ref}, tmp / "ref.pt")
-    return {"llama": str(tmp / "llama")}
+    return {"llama": str(tmp / "llama"), "llama_3_layers": str(tmp / "llama_3_layers")}
 
 
 def _mine(ctx, tensor):
@@ -137,6 +141,29 @@ def masks_ranks_loss_and_exports_match_peft(ctx):
             with torch.no_grad():
                 theirs = loaded(input_ids=ref["ids"]).logits
             assert rel_error(theirs, logits) <= 1e-5, (fmt, rel_error(theirs, logits))
+
+
+@check("pp2", "tp2-pp2")
+def global_budget_over_uneven_pipeline_stages_matches_peft(ctx):
+    """The 3-layer Llama on stages of 2 and 1 layers (14 and 7 adapted weights): one threshold
+    over both stages gives PEFT's rank pattern at every step, and PEFT's losses and adapter."""
+    ref = torch.load(Path(ctx.tmp) / "ref_3_layers.pt")
+    model = models.from_pretrained(ctx.data["llama_3_layers"])
+    assert len(model.decoder.layers) == (2 if ctx.groups.pp_rank == 0 else 1)
+    apply_adalora(model, AdaLoraConfig(**CONFIG))
+    set_adapter_state_dict(model, ref["state"])
+    ids, labels = _mine(ctx, ref["ids"]), _mine(ctx, shifted(ref["labels"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01,
+                                  eps=ADAM_EPS)
+    config = require_adapter(model, "default")
+    for step in range(UNEVEN_STEPS):
+        loss = _step_loss(ctx, model, ids, labels)
+        assert abs(loss - ref["losses"][step]) <= 1e-5 * ref["losses"][step], (step, loss, ref["losses"][step])
+        optimizer.step()
+        update_and_allocate(model, step)
+        optimizer.zero_grad()
+        assert config.rank_pattern == ref["patterns"][step], f"step {step}: rank pattern differs from peft's"
+    _close(adapter_state_dict(model), ref["states"][-1], f"adapter after {UNEVEN_STEPS} steps", 1e-4)
 
 
 @check("tp2-pp2")

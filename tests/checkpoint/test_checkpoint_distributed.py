@@ -130,7 +130,7 @@ def sharded_checkpoint_reloads_across_pipeline_stages(ctx):
     path = Path(ctx.tmp) / "ckpt_pp"
     dl.save_adapter(model, path)
     manifest = read_manifest(path)
-    assert manifest["layout"] == {"tp": 2, "pp": 2} and len(manifest["files"]) == 4
+    assert manifest["layout"] == {"tp": 2, "pp": 2, "stage_layers": [1, 1]} and len(manifest["files"]) == 4
     fresh = models.from_pretrained(ctx.data["llama"])
     dl.load_adapter(fresh, path)
     assert rel_error(models.logits(fresh, refs["ids"]), refs["logits"]["all_linear"]) <= 1e-5

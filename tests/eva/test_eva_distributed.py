@@ -75,9 +75,9 @@ def _ref(ctx, scenario):
     return torch.load(Path(ctx.tmp) / f"ref_{scenario}.pt")
 
 
-def _model(ctx, scenario="all_linear"):
+def _model(ctx, scenario="all_linear", first_stage_layers=None):
     config, eva = SCENARIOS[scenario]
-    model = models.from_pretrained(ctx.data["llama"])
+    model = models.from_pretrained(ctx.data["llama"], first_stage_layers=first_stage_layers)
     dl.apply_lora(model, dl.LoraConfig(**config, eva_config=dl.EvaConfig(**eva)))
     return model
 
@@ -157,9 +157,22 @@ def initialize_lora_eva_weights_matches_peft(ctx):
         _initialize_matches_peft(ctx, scenario)
 
 
-def _initialize_matches_peft(ctx, scenario):
+@check("pp2")
+def eva_on_uneven_pipeline_stages_matches_peft(ctx):
+    """Stages of 3 and 1 layers: the sketches, the rank redistribution over all stages and the
+    initialised adapter are PEFT's."""
+    for scenario in SCENARIOS:
+        ref = _ref(ctx, scenario)
+        model = _model(ctx, scenario, first_stage_layers=3)
+        assert len(model.decoder.layers) == (3 if ctx.groups.pp_rank == 0 else 1)
+        ours = dl.get_eva_state_dict(model, _my_batches(ctx, ref["batches"]))
+        _assert_same_subspaces(_full(ctx, model, ours), ref["eva"], SCENARIOS[scenario][1].get("whiten", False))
+    _initialize_matches_peft(ctx, "zero_rank_whiten", first_stage_layers=3)
+
+
+def _initialize_matches_peft(ctx, scenario, first_stage_layers=None):
     ref = _ref(ctx, scenario)
-    model = _model(ctx, scenario)
+    model = _model(ctx, scenario, first_stage_layers)
     base = models.logits(model, ref["batches"][0]["input_ids"])
     dl.initialize_lora_eva_weights(model, _my_batches(ctx, ref["batches"]))
     from dist_lora.adapters.registry import registry

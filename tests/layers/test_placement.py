@@ -5,7 +5,7 @@ place (``V + s h B^T + bias``, DoRA ``scale * (V + ...)``, additive terms) and w
 back with ``index_copy``, entry by entry; autograd differentiates it. ``into_slots`` must agree
 for per-projection blocks of a fused q/k/v output (several groups), GLU halves (one group), the
 whole output, several adapters on one slot, mixed kinds, and a bfloat16 base with float32
-adapters.
+adapters; and the same under torch.compile (``fullgraph``: the path dynamo traces).
 """
 
 from __future__ import annotations
@@ -76,13 +76,19 @@ def _entries(case, dtype, g):
     return entries, leaves
 
 
+def _compiled(out, entries):
+    torch._dynamo.reset()
+    return torch.compile(into_slots, backend="eager", fullgraph=True)(out, entries)
+
+
+@pytest.mark.parametrize("place", [into_slots, _compiled], ids=["eager", "compiled"])
 @pytest.mark.parametrize("case", CASES, ids=["-".join(f"{k}:{v}" for k, v in c) for c in CASES])
-def test_into_slots_equals_the_index_based_reference(case):
+def test_into_slots_equals_the_index_based_reference(case, place):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 2, WIDTH, dtype=torch.float64, generator=g, requires_grad=True)
     weights = torch.randn(3, 2, WIDTH, dtype=torch.float64, generator=g)
     entries, leaves = _entries(case, torch.float64, g)
-    ours = into_slots(x * 2, entries)
+    ours = place(x * 2, entries)
     theirs = _reference(x * 2, entries)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     ours_grads = torch.autograd.grad((ours * weights).sum(), [x, *leaves])

@@ -55,3 +55,72 @@ def test_padded_vocab_and_features():
     assert qwen.features == {"tied", "qkv_bias"}
     mistral = spec_from_config(TINY_CONFIGS["mistral"])
     assert mistral.sliding_window == 5
+
+
+def _hf_saved(name: str, **change) -> dict:
+    """config.json as transformers writes it for a tiny config (its defaults and new-style keys)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**{**TINY_CONFIGS[name], **change}).to_dict()
+
+
+def test_qwen3_head_dim_qk_norm_and_embeddings():
+    spec = spec_from_config(_hf_saved("qwen3"))
+    assert (spec.family.name, spec.head_dim, spec.hidden_size // spec.num_heads) == ("qwen3", 16, 12)
+    assert spec.family.qk_norm and not spec.qkv_bias and spec.rope_theta == 1e6
+    assert spec.features == {"untied"} and spec.sliding_window is None
+    assert spec_from_config(_hf_saved("qwen3", tie_word_embeddings=True)).features == {"tied"}
+
+
+@pytest.mark.parametrize("source", ["transformers", "hub"])
+def test_gemma3_attention_kinds_rope_bases_scale_and_activation(source):
+    if source == "transformers":  # rope_parameters per layer type, layer_types listed
+        config = _hf_saved("gemma3")
+    else:  # the older config.json of the Hub: rope_theta / rope_local_base_freq / sliding_window_pattern
+        config = {k: v for k, v in TINY_CONFIGS["gemma3"].items() if k != "tie_word_embeddings"}
+    spec = spec_from_config(config)
+    assert spec.layer_types == ("sliding_attention", "sliding_attention", "full_attention")
+    assert (spec.sliding_window, spec.rope_theta, spec.local_rope_theta) == (4, 1e6, 1e4)
+    assert spec.softmax_scale == pytest.approx(24 ** -0.5) and spec.activation == "gelu_tanh"
+    assert spec.tied_embeddings and spec.family.zero_centered_norms and spec.family.qk_norm
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0 is not supported"),
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0 is not supported"),
+    ({"hidden_activation": "gelu"}, "hidden_activation='gelu' is not supported"),
+    ({"sliding_window": None}, "gemma3 models need sliding_window"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 8.0}}, "rope scaling type 'linear'"),
+    ({"layer_types": ["sliding_attention"]}, "layer_types must list 3 entries"),
+])
+def test_unsupported_gemma3_configs_are_named(change, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        spec_from_config({**TINY_CONFIGS["gemma3"], **change})
+
+
+def test_qwen_sliding_windows_follow_transformers_layer_types():
+    """use_sliding_window slides layers >= max_window_layers only (transformers' rule)."""
+    qwen = {**TINY_CONFIGS["qwen2"], "use_sliding_window": True, "sliding_window": 4}
+    assert spec_from_config({**qwen, "max_window_layers": 2}).sliding_window is None  # no layer slides
+    partial = spec_from_config({**qwen, "max_window_layers": 1})
+    assert partial.sliding_window == 4 and partial.layer_types == ("full_attention", "sliding_attention")
+    saved = spec_from_config(_hf_saved("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1))
+    assert saved.layer_types == partial.layer_types
+
+
+@pytest.mark.parametrize("name,tp,needle", [
+    ("llama", 3, "tensor_parallel=3 does not divide num_attention_heads=8; valid tensor_parallel sizes "
+                 "for this model: 1, 2, 4"),
+    ("gemma3", 4, "tensor_parallel=4 does not divide num_key_value_heads=2; valid tensor_parallel sizes "
+                  "for this model: 1, 2"),
+])
+def test_tp_errors_name_the_valid_sizes(name, tp, needle):
+    with pytest.raises(ValueError) as info:
+        spec_from_config(TINY_CONFIGS[name]).check_layout(tp, 1)
+    assert needle in str(info.value)
+
+
+def test_unknown_family_lists_the_supported_ones():
+    with pytest.raises(ValueError, match="unsupported model_type 'gemma2'; dist_lora supports: llama, mistral, "
+                                         "qwen2, qwen3, gemma3_text"):
+        spec_from_config({**TINY_CONFIGS["gemma3"], "model_type": "gemma2"})

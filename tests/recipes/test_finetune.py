@@ -22,13 +22,25 @@ DEMO = ROOT / "configs" / "demo.yaml"
     (["parallel.tensor_parallel=2.5"], "config key parallel.tensor_parallel must be int"),
     (["model.hf_dir=/somewhere"], "exactly one of model.hf_dir and model.demo_config"),
     (["lora.r=0"], "config section lora: r must be a positive integer"),
-    (["data.format=csv"], "data.format must be text or jsonl"),
+    (["data.format=csv"], "data.format must be one of text, jsonl, chat, completion"),
+    (["data.packing=true"], "data.packing needs data.format chat or completion"),
     (["steps=3"], "unknown config key steps"),
     (["train.steps"], "must look like section.key=value"),
+    (["parallel.tensor_parallel=3"], "tensor_parallel=3 does not divide num_attention_heads=8; valid tensor_parallel "
+                                     "sizes for this model: 1, 2, 4"),
+    (["parallel.tensor_parallel=1", "parallel.pipeline_parallel=2", "parallel.first_stage_layers=4"],
+     "parallel section does not fit .*tiny_llama.json: first_stage_layers=4 leaves 0 layer.* valid "
+     "first_stage_layers values here: 1, 2, 3"),
+    (["parallel.first_stage_layers=1"], "first_stage_layers / last_stage_layers need pipeline_parallel > 1"),
 ])
 def test_bad_configs_are_rejected_with_the_key_named(overrides, needle):
     with pytest.raises(ValueError, match=needle):
         load_config(DEMO, overrides)
+
+
+def test_pipeline_stage_layers_are_recipe_keys():
+    config = load_config(DEMO, ["parallel.pipeline_parallel=2", "parallel.last_stage_layers=1"])
+    assert (config.parallel.first_stage_layers, config.parallel.last_stage_layers) == (None, 1)
 
 
 def test_the_launcher_rejects_a_bad_config_before_starting_ranks(tmp_path):
@@ -42,7 +54,8 @@ TORCHRUN = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--np
 
 def run_recipe(tmp_path: Path, name: str, *overrides: str, resume: bool = False, launcher=TORCHRUN,
                env: dict | None = None, script: str = "finetune.py", config: Path = DEMO) -> list[dict]:
-    """Run a recipe in ``tmp_path / name``; its metrics rows (asserts success and verification)."""
+    """Run a recipe in ``tmp_path / name``; its training metrics rows (asserts success and
+    verification; the validation rows are in :func:`validation_rows`)."""
     out = tmp_path / name
     cmd = [*launcher, str(ROOT / "launch" / script), "--config", str(config), f"output.dir={out}",
            f"checkpoint.dir={out / 'checkpoints'}", *overrides] + (["--resume"] if resume else [])
@@ -50,7 +63,12 @@ def run_recipe(tmp_path: Path, name: str, *overrides: str, resume: bool = False,
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     if not any(o.startswith("train.stop_at") for o in overrides):
         assert "peft verification OK" in result.stdout, result.stdout[-2000:]
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in validation_rows(tmp_path, name, all_rows=True) if "loss" in row]
+
+
+def validation_rows(tmp_path: Path, name: str, all_rows: bool = False) -> list[dict]:
+    rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return rows if all_rows else [row for row in rows if "val_loss" in row]
 
 
 def test_demo_loss_falls_exports_verifies_and_resumes_bit_identically(tmp_path):
@@ -65,6 +83,9 @@ def test_demo_loss_falls_exports_verifies_and_resumes_bit_identically(tmp_path):
     resumed = run_recipe(tmp_path, "resumed", "train.steps=60", "checkpoint.every=30", resume=True)
     assert [r["step"] for r in resumed] == list(range(1, 61))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    val = validation_rows(tmp_path, "straight")  # held-out windows: before training and at the end of a run
+    assert [r["step"] for r in val] == [0, 60] and val[1]["val_loss"] < val[0]["val_loss"] - 1.0
+    assert [r["step"] for r in validation_rows(tmp_path, "resumed")] == [0, 30, 60]
 
 
 def test_mpiexec_gives_the_losses_of_torchrun(tmp_path):
