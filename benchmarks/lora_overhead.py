@@ -9,7 +9,9 @@ One Llama model (CPU default: hidden 1024, 4 layers, 16 heads / 4 KV heads, FFN 
 layout (TP=1; TP=2 without and with SP, two processes) the variants are built once in the same
 processes and timed *interleaved*: every repetition runs one step of each, in an order rotated
 per repetition, so a busy machine slows all of them alike; the ratios are taken per repetition
-(paired) and reported as median and [min, max]. A step is ``forward_backward`` +
+(paired) and reported as median and [min, max], beside the ratio of the fastest steps (on a
+shared machine other processes only ever add time, so the fastest step is the least disturbed
+one); the raw times go to a ``.json`` beside the table. A step is ``forward_backward`` +
 ``finalize_grads`` (no optimizer step): the base path of every variant is the same Megatron
 model with the same tokens.
 
@@ -197,7 +199,8 @@ def _ratio(times: dict, num: str, den: str) -> str:
     if not times.get(num) or not times.get(den):
         return "-"
     ratios = [a / b for a, b in zip(times[num], times[den])]
-    return f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]"
+    fastest = min(times[num]) / min(times[den])
+    return f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] | {fastest:.3f}"
 
 
 def _machine() -> str:
@@ -229,7 +232,8 @@ def _report(args, results: dict, machine: str, loads: tuple) -> str:
             for name, values in times.items():
                 if values:
                     lines.append(f"| {name} | {statistics.median(values):.3f} | {min(values):.3f} | {max(values):.3f} |")
-            lines += ["", "| ratio (paired per repetition) | median [min, max] |", "| --- | --- |"]
+            lines += ["", "| ratio | paired per repetition: median [min, max] | fastest step / fastest step |",
+                      "| --- | --- | --- |"]
             pairs = [("lora", "frozen"), ("dora", "lora"), ("lora", "full"), ("dora", "frozen")]
             if "peft_lora" in times and times["peft_lora"]:
                 pairs += [("lora", "peft_lora"), ("dora", "peft_dora"), ("frozen", "hf_frozen"),
@@ -240,8 +244,9 @@ def _report(args, results: dict, machine: str, loads: tuple) -> str:
                 # dist_lora / peft = (Megatron base / HF base) x (our adapter cost / peft's adapter cost)
                 share = [(a / b) / (c / d) for a, b, c, d in
                          zip(times["lora"], times["frozen"], times["peft_lora"], times["hf_frozen"])]
+                fastest = (min(times["lora"]) / min(times["frozen"])) / (min(times["peft_lora"]) / min(times["hf_frozen"]))
                 lines.append(f"| (lora / frozen) / (peft_lora / hf_frozen): the adapters alone | "
-                             f"{statistics.median(share):.3f} [{min(share):.3f}, {max(share):.3f}] |")
+                             f"{statistics.median(share):.3f} [{min(share):.3f}, {max(share):.3f}] | {fastest:.3f} |")
             lines.append("")
         if res["counts"]:
             lines += [f"### {layout}: collectives per step ({args.layers} layers, one micro-batch)", "",
@@ -301,6 +306,7 @@ def main() -> None:
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
         "lora_overhead.md" if args.device == "cpu" else f"lora_overhead_{args.device}.md")
     out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")  # raw step times and counts
     print(text)
 
 
