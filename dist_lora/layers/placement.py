@@ -100,7 +100,7 @@ class _IntoSlots(torch.autograd.Function):
             if e.delta is not None:
                 view.add_(e.slot.grouped(e.delta) if e.delta.dim() == 1 else e.delta.reshape(view.shape))
                 continue
-            h2 = e.h.reshape(-1, e.h.shape[-1])
+            h2 = e.h.flatten(0, -2)  # flatten, not reshape(-1, r): r may be 0 (a shrunk or vacant slot)
             if e.scale is None:
                 target = _strided_matrix(view, e.slot)
                 if target is not None and target.dtype == h2.dtype:
@@ -162,7 +162,7 @@ class _IntoSlots(torch.autograd.Function):
             d2 = _as_matrix(d, e.slot)
             if d2.dtype != e.lora_b.dtype:
                 d2 = d2.to(e.lora_b.dtype)
-            h2 = e.h.reshape(-1, e.h.shape[-1])
+            h2 = e.h.flatten(0, -2)  # flatten, not reshape(-1, r): r may be 0 (a shrunk or vacant slot)
             grads.append(torch.mm(d2, e.lora_b).mul_(e.alpha).view(e.h.shape).to(e.h.dtype))
             grads.append(torch.mm(d2.t(), h2).mul_(e.alpha))
             if e.bias is not None:

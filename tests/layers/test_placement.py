@@ -4,7 +4,7 @@ The reference reads each slot's rows with ``index_select``, computes PEFT's arit
 place (``V + s h B^T + bias``, DoRA ``scale * (V + ...)``, additive terms) and writes the rows
 back with ``index_copy``, entry by entry; autograd differentiates it. ``into_slots`` must agree
 for per-projection blocks of a fused q/k/v output (several groups), GLU halves (one group), the
-whole output, several adapters on one slot, mixed kinds, and a bfloat16 base with float32
+whole output, several adapters on one slot, mixed kinds, rank 0, and a bfloat16 base with float32
 adapters; and the same under torch.compile (``fullgraph``: the path dynamo traces).
 """
 
@@ -30,6 +30,7 @@ CASES = [
     [("all", "dora_bias"), ("all", "delta"), ("all", "dora")],
     [("gate", "lora_bias"), ("all", "vector")],
     [("up", "dora"), ("up", "delta")],
+    [("q", "lora_r0"), ("all", "dora_r0")],                # rank 0: an AdaLoRA-shrunk or vacant hotswap slot
 ]
 
 
@@ -67,7 +68,8 @@ def _entries(case, dtype, g):
         elif kind == "vector":
             entries.append(Entry(slot, delta=leaf(n)))
         else:
-            e = Entry(slot, h=leaf(3, 2, 4), lora_b=leaf(n, 4), alpha=0.7)
+            r = 0 if kind.endswith("_r0") else 4
+            e = Entry(slot, h=leaf(3, 2, r), lora_b=leaf(n, r), alpha=0.7)
             if "bias" in kind:
                 e.bias = leaf(n)
             if "dora" in kind:
