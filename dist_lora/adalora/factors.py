@@ -11,11 +11,11 @@ tensor        global shape     sharded like
 ============  ===============  =========================================================
 
 ``scaling = lora_alpha / (ranknum + 1e-5)`` with ``ranknum = init_r``, fixed as in PEFT. The
-forward computes ``h = (x Q^T) * Lambda^T`` after the layer's hidden collective, then
-``y += scaling * h P^T`` (:class:`dist_lora.layers.linear.LoraLinear`). Lambda's gradient is a
-partial sum over TP on column layers (each rank sees only its output rows) and over sequence
-shards on row layers under SP, so it enters through ``copy_to_group`` there (identity forward,
-all-reduce backward); on row layers without SP it is complete on every rank.
+forward computes ``h = (x Q^T) * Lambda^T`` on the narrow hidden, then ``y += scaling * h P^T``
+(:class:`dist_lora.layers.linear.LoraLinear`). Lambda is replicated and its gradient is a partial
+sum over TP on both layer kinds (column: each rank sees only its output rows; row: each rank's
+hidden is the partial ``x_i Q_i^T``), summed once per step by ``finalize_grads`` like LoRA's
+replicated factors.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from torch import nn
 from dist_lora.layers.factors import LoraFactors
 from dist_lora.layers.sharding import REPLICATED, BaseShard, FactorLayout
 from dist_lora.layers.slots import Slot
-from dist_lora.parallel.collectives import copy_to_group
 
 
 class SVDFactors(LoraFactors):
@@ -47,12 +46,12 @@ class SVDFactors(LoraFactors):
     def global_shapes(self, shard: BaseShard) -> dict[str, tuple[int, ...]]:
         return {**super().global_shapes(shard), "lora_E": (self.r, 1)}
 
-    def scale_hidden(self, h: torch.Tensor, shard: BaseShard) -> torch.Tensor:
-        """``h * Lambda^T`` for the complete hidden ``h = x Q^T`` [.., r] (see module docstring)."""
-        e = self.lora_E
-        if shard.tp > 1 and (shard.kind == "column" or shard.sequence_parallel):
-            e = copy_to_group(e, shard.tp_group)
-        return h * e.view(-1).to(h.dtype)
+    def scale_hidden(self, h: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``(h * Lambda^T, scaling)`` for the hidden ``h = x Q^T`` [.., r] (see module docstring)."""
+        return h * self.lora_E.view(-1).to(h.dtype), self.scaling
+
+    def tp_partial_gradients(self, shard: BaseShard) -> list[nn.Parameter]:
+        return super().tp_partial_gradients(shard) + ([self.lora_E] if shard.tp > 1 else [])
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * P (Q * Lambda)`` on this rank's shard: [rows_local, in_local] (no collective)."""

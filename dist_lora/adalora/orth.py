@@ -7,7 +7,10 @@ Under TP a sharded factor's Gram matrix is a sum over the TP group: ``Q Q^T = su
 for row layers (Q split on ``in``), ``P^T P = sum_i P_i^T P_i`` for column layers (P split on
 ``out``). The partial Grams go through ``reduce_from_group`` (all-reduce forward, identity
 backward): the penalty is the same on every TP rank, so each rank's gradient with respect to its
-shard ``(dG + dG^T) Q_i`` is exact. Replicated factors need no reduction. Under PP each stage
+shard ``(dG + dG^T) Q_i`` is exact. Replicated factors (Q of column layers, P of row layers) get
+the whole penalty gradient on every rank, while ``finalize_grads`` sums their gradients over TP
+(the model's part is a partial sum there): they enter through ``count_once``, so the penalty's
+part is counted on one rank. Under PP each stage
 sums its own tensors and the sums are all-reduced over the pipeline group (identity backward:
 each stage's gradient reaches only its own factors). Data-parallel replicas compute the same
 value and gradient, which ``finalize_grads`` leaves unchanged.
@@ -19,7 +22,7 @@ import torch
 from torch import nn
 
 from dist_lora.adalora.layers import adalora_config, pp_group, svd_factors
-from dist_lora.parallel.collectives import all_reduce_, reduce_from_group
+from dist_lora.parallel.collectives import all_reduce_, count_once, reduce_from_group
 from dist_lora.parallel.device import module_device
 
 
@@ -30,12 +33,17 @@ def _gram_distance(gram: torch.Tensor) -> torch.Tensor:
 
 def orth_reg_loss(model: nn.Module, adapter_name: str = "default") -> torch.Tensor:
     """The weighted penalty (a differentiable scalar, equal on every rank); add it to the loss,
-    or call ``.backward()`` on it after the model's backward, once per optimizer step."""
+    or call ``.backward()`` on it after the model's backward, once per optimizer step, before
+    ``finalize_grads``."""
     config = adalora_config(model, adapter_name)
     terms = []
     for _, layer, factors in svd_factors(model, adapter_name):
         shard = layer.shard
         q, p = factors.lora_A, factors.lora_B
+        if shard.tp > 1 and factors.a_layout.dim is None:
+            q = count_once(q, shard.tp_group)
+        if shard.tp > 1 and factors.slot.b_layout.dim is None:
+            p = count_once(p, shard.tp_group)
         q_gram, p_gram = q @ q.T, p.T @ p
         if shard.tp > 1 and factors.a_layout.dim is not None:
             q_gram = reduce_from_group(q_gram, shard.tp_group)

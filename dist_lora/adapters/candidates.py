@@ -26,9 +26,8 @@ from torch import nn
 from dist_lora.layers.sharding import REPLICATED, FactorLayout
 from dist_lora.layers.slots import WHOLE, Slot
 from dist_lora.layers.wrapper import BaseWrapper
-from dist_lora.models.fused import projection_rows
+from dist_lora.models.fused import projection_blocks
 from dist_lora.models.loading import ModelInfo
-from dist_lora.parallel.device import module_device
 
 _FUSED_LAYOUTS = ("qkv", "glu")
 
@@ -74,12 +73,12 @@ def megatron_candidates(model: nn.Module, info: ModelInfo) -> list[Candidate]:
             kind = {"vocab": "output" if local == "output_layer" else "embedding"}.get(entry.layout, "linear")
             vocab = FactorLayout(dim=0, size=spec.vocab_size, padded=spec.padded_vocab(groups.tp_size))
             if entry.layout in _FUSED_LAYOUTS:
-                rows = projection_rows(entry.layout, spec, groups.tp_size, module_device(modules[local]))
+                blocks = projection_blocks(entry.layout, spec, groups.tp_size)
                 total = 0
                 for i, name in enumerate(hf):
-                    n_rows = len(rows[i]) * groups.tp_size
+                    n_rows = blocks[i].groups * blocks[i].width * groups.tp_size
                     total += n_rows
-                    slot = Slot(name.rsplit(".", 1)[1], (name,), n_rows, FactorLayout(dim=0), rows[i])
+                    slot = Slot(name.rsplit(".", 1)[1], (name,), n_rows, FactorLayout(dim=0), blocks[i])
                     out.append(Candidate(local, (name,), name, slot, kind, local))
                 stride = 2 if entry.layout == "glu" else 1
                 slot = Slot(WHOLE, tuple(hf), total, FactorLayout(dim=0, stride=stride), None, entry.layout)

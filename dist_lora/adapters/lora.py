@@ -27,7 +27,7 @@ from dist_lora.init.seeded import seeded_generator
 from dist_lora.init.weight import check_weight_init, initialise_from_weight
 from dist_lora.layers.adapter_layer import AdapterLayer
 from dist_lora.layers.dispatch import describe
-from dist_lora.layers.dora import row_norm
+from dist_lora.layers.dora import norm_now
 from dist_lora.layers.factors import LoraFactors
 from dist_lora.layers.modules_to_save import ModulesToSave
 from dist_lora.layers.sharding import BaseShard, FactorLayout
@@ -114,7 +114,7 @@ def plan_lora(model: nn.Module, config: LoraConfig, adapter_name: str, seed: int
 def _saved_candidates(model: nn.Module, config: LoraConfig, pool: list[Candidate]) -> list[Candidate]:
     saved = []
     for wanted in config.modules_to_save or []:
-        hits = [c for c in pool if c.slot.fused is None and c.slot.rows is None
+        hits = [c for c in pool if c.slot.fused is None and c.slot.block is None
                 and any(re.match(rf"(^|.*\.){wanted}$", n) for n in c.names)]
         for c in hits:
             if isinstance(model.get_submodule(c.module_path), AdapterLayer):
@@ -172,8 +172,7 @@ def _add_slot(model, pool, config: LoraConfig, adapter_name: str, c: Candidate, 
                                seeded_generator(seed, adapter_name, c.hf_name, c.slot.key, "weight"))
     if config.use_dora:
         with torch.no_grad():
-            factors.lora_magnitude_vector.copy_(row_norm(module._read_rows(c.slot), factors.delta_weight(),
-                                                         module.shard))
+            factors.lora_magnitude_vector.copy_(norm_now(module, factors))
     bias = getattr(module.base_layer, "bias", None)
     if config.bias == "lora_only" and bias is not None and module.shard.kind != "embedding":
         factors.own_bias(c.slot.select(bias))  # only this slot's rows train (layers/bias.py)

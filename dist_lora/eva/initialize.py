@@ -19,7 +19,7 @@ from dist_lora.adapters.registry import registry, require_adapter
 from dist_lora.adapters.targets import pattern_value
 from dist_lora.adapters.trainable import refresh
 from dist_lora.eva.collect import eva_slots, get_eva_state_dict
-from dist_lora.layers.dora import row_norm
+from dist_lora.layers.dora import norm_now
 from dist_lora.layers.factors import LoraFactors
 from dist_lora.parallel.collectives import all_gather_object, on_every_rank
 
@@ -101,8 +101,7 @@ def _apply(model, config, updates, adapter_name: str) -> tuple[list, dict, dict]
         with torch.no_grad():
             factors.lora_A.copy_(w)
             if config.use_dora:
-                factors.lora_magnitude_vector.copy_(row_norm(layer._read_rows(old.slot), factors.delta_weight(),
-                                                             layer.shard))
+                factors.lora_magnitude_vector.copy_(norm_now(layer, factors))
         layer.lora[adapter_name][key] = factors
     return kept, ranks, alphas
 

@@ -61,6 +61,18 @@ if not SUPPORTED[0] <= version() < SUPPORTED[1]:
 if not hasattr(_moe_utils, "te_general_gemm"):
     _moe_utils.te_general_gemm = None
 
+
+def local_linear(layer, x, weight):
+    """``x W^T`` of a Megatron ``ColumnParallelLinear`` / ``RowParallelLinear`` on this rank's
+    shard, through the layer's own implementation (``linear_with_frozen_weight`` for a frozen
+    weight, which saves only the weight; the gradient-accumulating path otherwise), with no bias
+    and no communication: the caller runs the layer's input and output collectives."""
+    return layer._forward_impl(input=x, weight=weight, bias=None,
+                               gradient_accumulation_fusion=layer.gradient_accumulation_fusion,
+                               allreduce_dgrad=False, sequence_parallel=False, tp_group=layer.tp_group,
+                               grad_output_buffer=None)
+
+
 __all__ = [
     "SUPPORTED",
     "TESTED",
@@ -81,6 +93,7 @@ __all__ = [
     "get_forward_backward_func",
     "get_gpt_layer_local_spec",
     "is_layer_window_attention",
+    "local_linear",
     "model_parallel_cuda_manual_seed",
     "parallel_state",
     "version",

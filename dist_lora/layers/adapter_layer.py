@@ -69,6 +69,12 @@ class AdapterLayer(BaseWrapper):
             for factors in self.lora[adapter].values():
                 yield adapter, factors
 
+    def tp_partial_gradients(self) -> list[nn.Parameter]:
+        """Every replicated adapter tensor of this layer whose gradient is a partial sum over TP
+        after backward (:meth:`LoraFactors.tp_partial_gradients`); ``finalize_grads`` sums them."""
+        return [t for slots in self.lora.values() for factors in slots.values()
+                for t in factors.tp_partial_gradients(self.shard)]
+
     def factors_of(self, adapter: str) -> dict[str, LoraFactors]:
         return dict(self.lora[adapter]) if adapter in self.lora else {}
 
@@ -134,11 +140,11 @@ class AdapterLayer(BaseWrapper):
 
     def _read_rows(self, slot: Slot) -> torch.Tensor:
         weight = self.base_weight()
-        return weight if slot.rows is None else weight.index_select(0, slot.rows_on(weight.device))
+        return weight if slot.block is None else weight.index_select(0, slot.rows_on(weight.device))
 
     def _write_rows(self, slot: Slot, rows: torch.Tensor) -> None:
         weight = self.base_weight()
-        if slot.rows is None:
+        if slot.block is None:
             weight.data.copy_(rows)
         else:
             weight.data.index_copy_(0, slot.rows_on(weight.device), rows.to(weight.dtype))
@@ -147,7 +153,7 @@ class AdapterLayer(BaseWrapper):
         bias = getattr(self.base_layer, "bias", None)
         if bias is None:
             raise RuntimeError("lora_bias cannot be merged: the base layer has no bias")
-        if slot.rows is None:
+        if slot.block is None:
             bias.data.add_(value.to(bias.dtype))
         else:
             bias.data.index_add_(0, slot.rows_on(bias.device), value.to(bias.dtype))

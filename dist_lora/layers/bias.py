@@ -37,10 +37,10 @@ def add_trained_biases(y: torch.Tensor, layer, all_factors) -> torch.Tensor:
 
 
 def _write_rows(bias: torch.Tensor, slot, values: torch.Tensor) -> None:
-    if slot.rows is None:
+    if slot.block is None:
         bias.data.copy_(values.to(bias.dtype))
     else:
-        bias.data.index_copy_(0, slot.rows, values.to(bias.dtype))
+        bias.data.index_copy_(0, slot.rows_on(bias.device), values.to(bias.dtype))
 
 
 @torch.no_grad()

@@ -1,15 +1,19 @@
 """Which random stream draws a slot's LoRA dropout mask, so the masks of all TP ranks together
 are the mask one device would draw over the whole input.
 
+The adapter reads the input the base layer computes with, after the base's own input collective
+(:mod:`dist_lora.layers.base_path`):
+
 =========================================  ======================  ===========================
 adapter input on this rank                 mask over the ranks     drawn from
 =========================================  ======================  ===========================
-replicated (column layers without SP; row  identical on every rank the default generator (equal
-layers with ``input_is_parallel=False``)                           on the TP ranks)
-split over features (row-parallel          independent per rank    Megatron's model-parallel
-``o_proj`` / ``down_proj`` without SP)                             RNG tracker state, forked
-split over the sequence (every layer                               (seeded ``seed + 2718 +
-under SP, the output layer included)                               tp_rank``)
+replicated: column layers (the whole       identical on every rank the default generator (equal
+input; under SP the all-gathered                                   on the TP ranks)
+sequence), the output layer included
+split over features: row layers            independent per rank    Megatron's model-parallel
+(``o_proj`` / ``down_proj``, with or                               RNG tracker state, forked
+without SP)                                                        (seeded ``seed + 2718 +
+                                                                   tp_rank``)
 =========================================  ======================  ===========================
 
 With one mask for split inputs the global mask repeats with period ``1/p`` (what attention
@@ -34,12 +38,9 @@ SPLIT = "split"  # an independent mask per TP rank
 
 
 def dropout_region(shard: BaseShard) -> str:
-    """``SPLIT`` where each TP rank holds a different part of the adapter input, else ``REPLICATED``."""
-    if shard.tp == 1:
-        return REPLICATED
-    if shard.sequence_parallel or (shard.kind == "row" and shard.input_is_parallel):
-        return SPLIT
-    return REPLICATED
+    """``SPLIT`` where each TP rank holds a different part of the adapter input (row layers: input
+    features), else ``REPLICATED``."""
+    return SPLIT if shard.tp > 1 and shard.kind == "row" else REPLICATED
 
 
 def _stream(shard: BaseShard) -> contextlib.AbstractContextManager:
@@ -47,8 +48,16 @@ def _stream(shard: BaseShard) -> contextlib.AbstractContextManager:
 
 
 def dropped_inputs(x: torch.Tensor, all_factors, shard: BaseShard) -> list[torch.Tensor]:
-    """Each slot's adapter input: ``x`` in the adapter dtype, through its dropout, drawn from the
-    stream :func:`dropout_region` names (see module docstring)."""
+    """Each slot's adapter input: ``x`` cast to the adapter dtype (once per dtype, so slots
+    without dropout share one tensor and one matmul), through its dropout, drawn from the stream
+    :func:`dropout_region` names (see module docstring)."""
     drops = any(isinstance(f.dropout, nn.Dropout) and f.dropout.training for f in all_factors)
+    cast: dict[torch.dtype, torch.Tensor] = {}
     with _stream(shard) if drops else contextlib.nullcontext():
-        return [f.dropout(x.to(f.lora_A.dtype)) for f in all_factors]
+        out = []
+        for factors in all_factors:
+            dtype = factors.lora_A.dtype
+            if dtype not in cast:
+                cast[dtype] = x.to(dtype)
+            out.append(factors.dropout(cast[dtype]))
+        return out

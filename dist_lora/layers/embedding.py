@@ -4,11 +4,13 @@ PEFT's embedding LoRA: ``y = E[ids] + s * (A^T[ids]) B^T`` with ``lora_embedding
 ``lora_embedding_B`` [h, r] (https://arxiv.org/abs/2106.09685).
 
 **Vocab-parallel** (E split on the vocabulary: rank i holds rows ``[start_i, end_i)``). ``A_i``
-[r, V/p] is split like E (padding columns stay zero), ``B`` [h, r] is replicated. Each rank looks
-up the ids it owns (zero elsewhere); the partial [b, s, r] rows are summed with
-``reduce_from_group``, or reduce-scattered to [s/p, b, r] when the base reduce-scatters its
-output for sequence parallelism (then B's gradient is summed over sequence shards with
-``copy_to_group``). Merge: ``E_i += s * (B A_i)^T`` on the local rows.
+[r, V/p] is split like E (padding columns stay zero), ``B`` [h, r] is replicated. The wrapper runs
+the base's steps itself (Megatron-Core's ``VocabParallelEmbedding.forward``): each rank looks up
+the ids it owns in E_i and A_i (zero elsewhere), adds its partial ``s * A_i^T[ids] B^T`` into its
+partial lookup [b, s, h], and the sum goes through the base's own reduction (``reduce_from_group``,
+or the transposed reduce-scatter to [s/p, b, h] when the base reduce-scatters its output for
+sequence parallelism): no collective of its own. B's gradient is then a partial sum over TP,
+summed once per step by ``finalize_grads``. Merge: ``E_i += s * (B A_i)^T`` on the local rows.
 """
 
 from __future__ import annotations
@@ -18,48 +20,50 @@ import torch.nn.functional as F
 
 from dist_lora.layers.adapter_layer import AdapterLayer
 from dist_lora.layers.factors import LoraFactors
-from dist_lora.parallel.collectives import copy_to_group, reduce_from_group, reduce_scatter_first_dim
+from dist_lora.layers.placement import Entry, into_slots
+from dist_lora.parallel.collectives import reduce_from_group, reduce_scatter_first_dim
 
 
 class LoraEmbedding(AdapterLayer):
     """Adapters on a vocab-parallel or plain embedding (see module docstring)."""
 
     def forward(self, ids: torch.Tensor, *args, **kwargs):
-        out = self.base_layer(ids, *args, **kwargs)
         live = list(self.live())
         if not live:
-            return out
+            return self.base_layer(ids, *args, **kwargs)
+        if self.shard.megatron and self.shard.tp > 1:
+            return self._vocab_parallel_forward(ids, [factors for _, factors in live])
+        out = self.base_layer(ids, *args, **kwargs)
         delta = None
         for _, factors in live:
-            d = self._delta(ids, factors)
+            d = (self._lookup(ids, factors) @ factors.lora_B.t()) * factors.scaling
             delta = d if delta is None else delta + d
         return (out + delta).to(out.dtype)  # mixed precision: rounded to the base dtype once (as PEFT)
 
+    def _vocab_parallel_forward(self, ids: torch.Tensor, live: list[LoraFactors]) -> torch.Tensor:
+        """The base's masked lookup with the adapters' partial products added, then its reduction."""
+        base, group = self.base_layer, self.shard.tp_group
+        outside = (ids < base.vocab_start_index) | (ids >= base.vocab_end_index)
+        local = (ids - base.vocab_start_index).masked_fill(outside, 0)
+        part = base.weight[local] if getattr(base, "deterministic_mode", False) else F.embedding(local, base.weight)
+        part.masked_fill_(outside.unsqueeze(-1), 0.0)
+        entries = []
+        for f in live:
+            h, alpha = f.scale_hidden(F.embedding(local, f.lora_A.t()).masked_fill(outside.unsqueeze(-1), 0.0))
+            entries.append(Entry(f.slot, h=h, lora_b=f.lora_B, alpha=alpha))
+        part = into_slots(part, entries)
+        if base.reduce_scatter_embeddings:  # [b, s, h] -> [s/p, b, h]
+            return reduce_scatter_first_dim(part.transpose(0, 1).contiguous(), group)
+        return reduce_from_group(part, group)
+
     def _lookup(self, ids: torch.Tensor, factors: LoraFactors) -> torch.Tensor:
-        """This rank's partial ``A^T[ids]`` [b, s, r] (zero for ids owned by other ranks)."""
-        base, shard = self.base_layer, self.shard
-        table = factors.lora_A.t()
-        if shard.megatron:
-            if shard.tp == 1:
-                return F.embedding(ids, table)
-            local = ids - shard.vocab_start
-            outside = (local < 0) | (local >= table.shape[0])
-            part = F.embedding(local.masked_fill(outside, 0), table)
-            return part.masked_fill(outside.unsqueeze(-1), 0.0)
+        """``A^T[ids]`` [b, s, r] on an unsharded embedding."""
+        base, table = self.base_layer, factors.lora_A.t()
+        if self.shard.megatron:
+            return F.embedding(ids, table)
         return F.embedding(ids, table, padding_idx=base.padding_idx, max_norm=base.max_norm,
                            norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
                            sparse=base.sparse)
-
-    def _delta(self, ids: torch.Tensor, factors: LoraFactors) -> torch.Tensor:
-        group = self.shard.tp_group
-        part = self._lookup(ids, factors)
-        lora_b = factors.lora_B
-        if self.shard.sequence_parallel:
-            hidden = reduce_scatter_first_dim(part.transpose(0, 1).contiguous(), group)
-            lora_b = copy_to_group(lora_b, group)
-        else:
-            hidden = reduce_from_group(part, group)
-        return (hidden @ lora_b.t()) * factors.scaling
 
     @torch.no_grad()
     def merge_candidates(self, adapter: str):

@@ -66,6 +66,12 @@ class ExpertLoraLinear(AdapterLayer):
             lora_b = copy_to_group(lora_b, group)
         return F.linear(F.linear(x, lora_a), lora_b) * factors.scaling
 
+    def tp_partial_gradients(self) -> list:
+        """None: the replicated factor's gradient is summed over ETP in backward (``copy_to_group``
+        above), and ``self.shard.tp_group`` is the ETP group, not the dense TP group that
+        ``finalize_grads`` sums dense partial gradients over."""
+        return []
+
     @torch.no_grad()
     def merge_candidates(self, adapter: str):
         return [(factors, self._read_rows(factors.slot) + factors.delta_weight(), None)

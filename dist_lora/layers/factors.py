@@ -158,9 +158,29 @@ class LoraFactors(nn.Module):
         else:
             self.scaling = value
 
-    def scale_hidden(self, h: torch.Tensor, shard: BaseShard) -> torch.Tensor:
-        """Hook between the complete hidden ``A x`` [.., r] and ``B``: identity for LoRA."""
-        return h
+    def scale_hidden(self, h: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The hidden as ``B`` reads it and the scalar its product is multiplied by, for the hidden
+        ``h = x A^T`` [.., r] (a partial sum over TP on row layers): ``(h, s)`` for LoRA, so the
+        scaling rides on the ``B`` matmul (its ``alpha``) and no tensor is scaled. A tensor scaling
+        (hotswapping) multiplies the narrow hidden instead: ``(h * s, 1)``."""
+        if isinstance(self.scaling, torch.Tensor):
+            return h * self.scaling.to(h.dtype), 1.0
+        return h, self.scaling
+
+    def tp_partial_gradients(self, shard: BaseShard) -> list[nn.Parameter]:
+        """Replicated tensors whose gradient each TP rank holds as a *partial sum* after backward
+        (``finalize_grads`` sums them over TP, once per step, in buckets).
+
+        Column layers: ``lora_A`` (each rank's ``dL/dh = s dL/dy_i B_i`` covers its output rows
+        only). Row layers: ``lora_B``, the DoRA magnitude and ``lora_bias`` (each rank's adapter
+        product is computed from its input slice ``x_i A_i^T`` and joins the base's partial sum;
+        the bias enters TP rank 0's partial only). Vocab-parallel embeddings: ``lora_B`` (each
+        rank's lookup covers the ids it owns)."""
+        if shard.tp == 1:
+            return []
+        names = {"column": ("lora_A",), "embedding": ("lora_B",)}.get(
+            shard.kind, ("lora_B", "lora_magnitude_vector", "lora_bias"))
+        return [t for t in (getattr(self, n) for n in names) if t is not None]
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` on this rank's shard: [rows_local, in_local] (no collective)."""

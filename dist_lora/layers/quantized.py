@@ -98,6 +98,11 @@ class QuantizedLinear(nn.Module):
         """Read-only dequantised shard (DoRA norms, inspection). Writing to it changes nothing."""
         return self.dequantized_weight()
 
+    def local_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W_i^T`` on this rank's shard, no bias, no communication (the adapter wrapper runs
+        the collectives, :mod:`dist_lora.layers.base_path`)."""
+        return _Linear4bit.apply(x, self)
+
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None, runtime_gather_output: bool | None = None):
         if weight is not None:
             raise ValueError(f"a 4-bit {self.base_type} cannot take an external weight (tied output layers "

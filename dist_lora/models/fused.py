@@ -4,26 +4,30 @@ from __future__ import annotations
 
 import torch
 
+from dist_lora.layers.slots import Block
 from dist_lora.models.spec import ModelSpec
 
 
-def projection_rows(layout: str, spec: ModelSpec, tp: int, device: torch.device) -> dict[int, torch.Tensor]:
-    """Per projection index (q, k, v or gate, up), this rank's local output rows of the fused layer,
-    as index tensors on ``device`` (the fused weight's: they index its rows and outputs).
+def projection_blocks(layout: str, spec: ModelSpec, tp: int) -> dict[int, Block]:
+    """Per projection index (q, k, v or gate, up), this rank's local output rows of the fused layer
+    as a :class:`Block` (the same on every TP rank: each rank holds the same pattern for its groups).
 
-    The rows are the same on every TP rank (each rank holds the same pattern for its groups).
     ``qkv``: local rows are ``ng/p`` groups of ``[q heads of the group; k; v] x head_dim``.
     ``glu``: local rows are ``[gate_i; up_i]``.
     """
     if layout == "qkv":
         d, ng = spec.head_dim, spec.num_kv_heads
         per_group = spec.num_heads // ng
-        width = (per_group + 2) * d
-        starts = torch.arange(ng // tp, device=device) * width
+        period = (per_group + 2) * d
         offsets = [(0, per_group * d), (per_group * d, d), ((per_group + 1) * d, d)]
-        return {i: (starts[:, None] + off + torch.arange(n, device=device)).reshape(-1)
-                for i, (off, n) in enumerate(offsets)}
+        return {i: Block(ng // tp, period, off, n) for i, (off, n) in enumerate(offsets)}
     if layout == "glu":
         half = spec.ffn_hidden_size // tp
-        return {0: torch.arange(half, device=device), 1: torch.arange(half, 2 * half, device=device)}
+        return {0: Block(1, 2 * half, 0, half), 1: Block(1, 2 * half, half, half)}
     raise ValueError(f"layout {layout!r} is not a fused layout")
+
+
+def projection_rows(layout: str, spec: ModelSpec, tp: int, device: torch.device | str = "cpu") -> dict[int, torch.Tensor]:
+    """Per projection index, this rank's local output rows of the fused layer as an index tensor
+    on ``device``."""
+    return {i: block.rows(device) for i, block in projection_blocks(layout, spec, tp).items()}

@@ -4,10 +4,12 @@
 the sum of exponentials and the target logit are reduced over TP with differentiable
 collectives, and the padding rows of the vocabulary are masked to -inf so they never count.
 ``forward_backward`` runs micro-batches (through Megatron's pipeline schedule when PP > 1) and
-returns the token-mean loss of the global batch on every rank; ``finalize_grads`` averages
-gradients over data-parallel ranks and sums the partial gradients of sequence-parallel
-parameters over TP. Mixture-of-experts
-models can add their family's auxiliary load-balancing loss (:mod:`dist_lora.models.router_loss`).
+returns the token-mean loss of the global batch on every rank; DoRA's weight norms are computed once
+for all micro-batches. ``finalize_grads`` averages gradients over data-parallel ranks (a routed
+expert's over its expert-data-parallel replicas) and sums over TP the gradients that are partial
+sums there (sequence-parallel norm weights and biases; the replicated adapter factors whose product
+joins the base layer's own collective), in buckets. Mixture-of-experts models can add their
+family's auxiliary load-balancing loss (:mod:`dist_lora.models.router_loss`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from dist_lora.integrations.megatron import (
     get_forward_backward_func,
 )
 from dist_lora.integrations.megatron_cpu import cpu_device_mode
+from dist_lora.layers.dora import held_norms
 from dist_lora.models.loading import model_info
 from dist_lora.models.router_loss import MicroBatchRouting, RouterLossGradients, RouterStatistics
-from dist_lora.parallel.collectives import all_reduce_, broadcast_, reduce_from_group
+from dist_lora.parallel.collectives import all_reduce_, all_reduce_coalesced_, broadcast_, reduce_from_group
 from dist_lora.parallel.device import collective_device, module_device
 
 IGNORE_INDEX = -100
@@ -121,6 +124,12 @@ def _pipeline(model, micro: list, spec, groups, scale: float, seq: int, forward_
     return sums
 
 
+def dora_slots(model) -> list:
+    """(layer, factors) of every live DoRA slot of this rank's stage whose norm can be held."""
+    return [(layer, factors) for _, layer in adapter_layers(model) if hasattr(layer, "held_norm_slots")
+            for factors in layer.held_norm_slots()]
+
+
 def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_microbatches: int = 1,
                      forward_only: bool = False, position_ids: torch.Tensor | None = None,
                      attention_mask: torch.Tensor | None = None, router_aux_loss: bool | None = None) -> torch.Tensor:
@@ -147,7 +156,16 @@ def forward_backward(model, input_ids: torch.Tensor, labels: torch.Tensor, num_m
     the step's is their mean over micro-batches and data-parallel ranks (what averaging the
     replicas' ``loss + coef * aux`` gives). With pipeline parallelism it costs one extra
     forward-only pass per step (:mod:`dist_lora.models.router_loss`).
+    DoRA's detached weight norms are computed once, before the first micro-batch (row layers: one
+    all-reduce for the stage), and read by every forward (:func:`dist_lora.layers.dora.held_norms`).
     """
+    with held_norms(dora_slots(model)):
+        return _forward_backward(model, input_ids, labels, num_microbatches, forward_only, position_ids,
+                                 attention_mask, router_aux_loss)
+
+
+def _forward_backward(model, input_ids, labels, num_microbatches, forward_only, position_ids,
+                      attention_mask, router_aux_loss) -> torch.Tensor:
     info = model_info(model)
     groups, spec = info.groups, info.spec
     batch, seq = input_ids.shape
@@ -221,15 +239,21 @@ def use_megatron_ddp(model, bucket_size: int | None = None) -> None:
 
 
 def finalize_grads(model) -> None:
-    """Average trainable gradients over data-parallel ranks (Megatron DDP's buckets when
-    :func:`use_megatron_ddp` is on, else one all-reduce per tensor); sum sequence-parallel
-    partial gradients (norm weights, row-parallel biases) over TP. Call after backward, before
-    the step; the gradients are then in ``.grad`` (and DDP's buffers are cleared).
+    """Make ``.grad`` the step's gradient on every rank. Call after backward (all micro-batches),
+    before the step.
 
-    A routed expert's parameters (Megatron's mark: ``allreduce = False``) saw the tokens of every
-    rank that routed to it, so its gradient is already a sum over part of the dense DP group: it
-    is summed over the expert's replicas (the expert-data-parallel group) and divided by the dense
-    DP size, as Megatron-Core's DDP does for expert buffers."""
+    * Data parallel: average over DP ranks (Megatron DDP's buckets when :func:`use_megatron_ddp`
+      is on, else this function's own buckets); DDP's buffers are then cleared. A routed expert's
+      parameters (Megatron's mark: ``allreduce = False``) saw the tokens of every rank that routed
+      to it, so their gradient is already a sum over part of the dense DP group: it is summed over
+      the expert's replicas (the expert-data-parallel group) and divided by the dense DP size, as
+      Megatron-Core's DDP does for expert buffers.
+    * Tensor parallel: sum over TP the gradients that are partial sums per rank: parameters
+      marked ``sequence_parallel`` (norm weights, row-parallel biases under SP) and the replicated
+      adapter factors whose products join the base layer's collectives (``lora_A`` of column
+      layers; ``lora_B``, DoRA magnitude and ``lora_bias`` of row layers; AdaLoRA's Lambda). One
+      all-reduce per bucket, once per step, however many micro-batches and layers there are.
+    """
     info = model_info(model)
     groups, ddp = info.groups, info.ddp
     bucketed = set()
@@ -240,21 +264,22 @@ def finalize_grads(model) -> None:
                 param.grad = param.main_grad.to(param.dtype).clone()
                 bucketed.add(id(param))
         ddp.zero_grad_buffer()
-    for param in model.parameters():
-        if not param.requires_grad or param.grad is None:
-            continue
-        if groups.sequence_parallel and getattr(param, "sequence_parallel", False):
-            all_reduce_(param.grad, groups.tp_group)
-        if id(param) in bucketed:
-            continue
-        if not getattr(param, "allreduce", True):  # a routed expert's: summed over its replicas
-            if groups.edp_size > 1:
-                all_reduce_(param.grad, groups.edp_group)
-            if groups.dp_size > 1:
-                param.grad.div_(groups.dp_size)
-        elif groups.dp_size > 1:
-            all_reduce_(param.grad, groups.dp_group)
-            param.grad.div_(groups.dp_size)
+    with_grad = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    rest = [p for p in with_grad if id(p) not in bucketed]
+    dense = [p.grad for p in rest if getattr(p, "allreduce", True)]
+    experts = [p.grad for p in rest if not getattr(p, "allreduce", True)]  # routed experts': their replicas
+    if groups.dp_size > 1:
+        all_reduce_coalesced_(dense, groups.dp_group)
+    if experts and groups.edp_size > 1:
+        all_reduce_coalesced_(experts, groups.edp_group)
+    if groups.dp_size > 1:
+        for grad in dense + experts:
+            grad.div_(groups.dp_size)
+    if groups.tp_size > 1:
+        partial = {id(p) for _, layer in adapter_layers(model) for p in layer.tp_partial_gradients()}
+        if groups.sequence_parallel:
+            partial.update(id(p) for p in with_grad if getattr(p, "sequence_parallel", False))
+        all_reduce_coalesced_([p.grad for p in with_grad if id(p) in partial], groups.tp_group)
 
 
 def clip_grad_norm(model, max_norm: float) -> float:

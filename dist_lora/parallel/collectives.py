@@ -10,6 +10,7 @@ Two kinds live here:
   wrapper                       forward                          backward
   ============================  ===============================  ==============================
   ``copy_to_group``             identity                         all-reduce (sum)
+  ``count_once``                identity                         keep on rank 0, zeros elsewhere
   ``reduce_from_group``         all-reduce (sum)                 identity
   ``gather_last_dim``           all-gather along the last dim    keep own slice
   ``split_last_dim``            keep own slice of last dim       all-gather along the last dim
@@ -39,6 +40,11 @@ import torch.distributed as dist
 from dist_lora.parallel.device import collective_device
 
 Group = Any  # torch.distributed.ProcessGroup | None
+
+# One-buffer all-gather / reduce-scatter: the ``*_single`` names of torch >= 2.13 (which deprecates
+# ``all_gather_into_tensor`` / ``reduce_scatter_tensor``), the older names before.
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
 
 
 def is_initialized() -> bool:
@@ -73,14 +79,35 @@ def all_reduce_(tensor: torch.Tensor, group: Group = None, op: str = "sum") -> t
     return tensor
 
 
+def all_reduce_coalesced_(tensors: Sequence[torch.Tensor], group: Group = None,
+                          bucket_elems: int = 40_000_000) -> None:
+    """Sum each tensor over ``group`` in place, with one all-reduce per bucket: tensors of one
+    dtype and device are flattened into contiguous buckets of at most ``bucket_elems`` elements
+    (a tensor larger than that is a bucket of its own), reduced, and copied back."""
+    if group_size(group) == 1 or not tensors:
+        return
+    buckets: dict[tuple, list[list[torch.Tensor]]] = {}
+    for tensor in tensors:
+        runs = buckets.setdefault((tensor.dtype, tensor.device), [[]])
+        if runs[-1] and sum(t.numel() for t in runs[-1]) + tensor.numel() > bucket_elems:
+            runs.append([])
+        runs[-1].append(tensor)
+    for runs in buckets.values():
+        for run in runs:
+            flat = torch.cat([t.reshape(-1) for t in run])
+            dist.all_reduce(flat, group=group)
+            for tensor, part in zip(run, flat.split([t.numel() for t in run])):
+                tensor.copy_(part.view_as(tensor))
+
+
 def _all_gather_dim(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
     world = group_size(group)
     if world == 1:
         return x
     x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=dim)
+    out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather_single(out, x, group=group)  # one buffer, rank-major along dim 0
+    return out if dim % x.dim() == 0 else torch.cat(out.chunk(world, dim=0), dim=dim)
 
 
 def _split_dim(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
@@ -99,7 +126,7 @@ def _reduce_scatter_first(x: torch.Tensor, group: Group) -> torch.Tensor:
     if x.size(0) % world:
         raise ValueError(f"dimension 0 of size {x.size(0)} does not split over {world} ranks")
     out = torch.empty((x.size(0) // world, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
+    _reduce_scatter_single(out, x.contiguous(), group=group)
     return out
 
 
@@ -161,6 +188,17 @@ class _ReduceFromGroup(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None
+
+
+class _CountOnce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.first = group_rank(group) == 0
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad if ctx.first else torch.zeros_like(grad)), None
 
 
 class _GatherLastDim(torch.autograd.Function):
@@ -228,6 +266,14 @@ def _spans(group: Group) -> bool:
 def copy_to_group(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Identity forward; all-reduce of the gradient (enter a tensor-parallel region)."""
     return _CopyToGroup.apply(x, group) if _spans(group) else x
+
+
+def count_once(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Identity forward; backward keeps the gradient on the group's first rank and gives zeros
+    elsewhere. For a replicated tensor whose gradient is summed over ``group`` later (the
+    partial-sum gradients ``finalize_grads`` reduces), a gradient that every rank computes in
+    full must enter that sum once."""
+    return _CountOnce.apply(x, group) if _spans(group) else x
 
 
 def reduce_from_group(x: torch.Tensor, group: Group) -> torch.Tensor:

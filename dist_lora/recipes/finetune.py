@@ -3,7 +3,7 @@
 Per step: the DP rank's batch -> ``forward_backward`` (Megatron's pipeline schedule with PP,
 ``train.micro_batches`` micro-batches; the family's router load-balancing loss with
 ``train.router_aux_loss``) -> ``finalize_grads`` (DP average in Megatron-Core DDP's buckets, expert
-gradients over their expert-data-parallel group, SP sums) ->
+gradients over their expert-data-parallel group, TP sums of partial gradients in one bucket) ->
 ``clip_grad_norm`` (global norm) -> AdamW with linear warm-up and cosine decay. The loss is the
 token mean over the whole step (masked tokens never count). Rank 0 shows a progress bar and
 appends the metrics to ``metrics.jsonl``; the validation loss is computed before training, every

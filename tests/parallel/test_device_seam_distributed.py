@@ -34,17 +34,10 @@ def any_rank(flag, group=None):
     box = torch.tensor([int(bool(flag))], dtype=torch.int32)
     return bool(all_reduce_(box, group, "max").item())
 """
-OLD_PROJECTION_ROWS = """
-def projection_rows(layout, spec, tp, device=None):
-    half = spec.ffn_hidden_size // tp
-    if layout == "glu":
-        return {0: torch.arange(half), 1: torch.arange(half, 2 * half)}
-    d, ng = spec.head_dim, spec.num_kv_heads
-    per_group = spec.num_heads // ng
-    width = (per_group + 2) * d
-    starts = torch.arange(ng // tp) * width
-    offsets = [(0, per_group * d), (per_group * d, d), ((per_group + 1) * d, d)]
-    return {i: (starts[:, None] + off + torch.arange(n)).reshape(-1) for i, (off, n) in enumerate(offsets)}
+OLD_BLOCK_ROWS = """
+def rows(self, device=None):
+    starts = torch.arange(self.groups) * self.period + self.offset
+    return (starts[:, None] + torch.arange(self.width)).reshape(-1)
 """
 
 
@@ -120,20 +113,20 @@ def _plant(module, name: str, source: str, file: str):
 
 @check("tp2")
 def the_check_catches_the_original_violations(ctx):
-    from dist_lora.adapters import candidates
-    from dist_lora.models import fused
+    from dist_lora.layers import slots
 
-    saved = collectives.any_rank, candidates.projection_rows
+    saved = collectives.any_rank, slots.Block.rows
     collectives.any_rank = _plant(collectives, "any_rank", OLD_ANY_RANK, "parallel/collectives.py")
-    candidates.projection_rows = _plant(fused, "projection_rows", OLD_PROJECTION_ROWS, "models/fused.py")
+    slots.Block.rows = _plant(slots, "rows", OLD_BLOCK_ROWS, "layers/slots.py")
     try:
         with ExplicitDeviceMode() as mode:
             model = models.from_pretrained(ctx.data["llama"])  # raise_if_any -> any_rank
-            dl.apply_lora(model, dl.LoraConfig(r=2, target_modules=["q_proj", "up_proj"]))  # slot rows
+            dl.apply_lora(model, dl.LoraConfig(r=2, target_modules=["q_proj", "up_proj"]))
+            dl.merge_adapter(model)  # slot rows of the fused layers
     finally:
-        collectives.any_rank, candidates.projection_rows = saved
+        collectives.any_rank, slots.Block.rows = saved
     flagged = {v.split(" ")[0].rsplit(":", 1)[0] for v in mode.violations}
-    assert flagged == {"dist_lora/parallel/collectives.py", "dist_lora/models/fused.py"}, mode.violations
+    assert flagged == {"dist_lora/parallel/collectives.py", "dist_lora/layers/slots.py"}, mode.violations
 
 
 test_device_seam_distributed = distributed_tests(__name__, world_size=2, prepare=prepare)
