@@ -34,7 +34,7 @@ class Block:
     offset: int
     width: int
 
-    def rows(self, device: torch.device | str = "cpu") -> torch.Tensor:
+    def rows(self, device: torch.device) -> torch.Tensor:
         """The rows as an index tensor [groups * width] on ``device`` (group-major, the order of
         lora_B's rows)."""
         starts = torch.arange(self.groups, device=device) * self.period + self.offset
@@ -56,13 +56,9 @@ class Slot:
     block: Block | None = None  # this rank's output rows of the base (None: all)
     fused: str | None = None  # models.layouts name when one adapter spans a fused layer
 
-    @property
-    def rows(self) -> torch.Tensor | None:
-        """This rank's output rows of the base as an index tensor in host memory (None: all of them)."""
-        return None if self.block is None else self.block.rows()
-
     def rows_on(self, device: torch.device) -> torch.Tensor:
-        """:attr:`rows` made on ``device`` (the weight or output they index)."""
+        """This rank's output rows of the base (a block) as an index tensor made on ``device`` (the
+        weight or output they index)."""
         return self.block.rows(device)
 
     def view(self, out: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from dist_lora.layers.slots import Block
 from dist_lora.models.spec import ModelSpec
 
@@ -26,8 +24,3 @@ def projection_blocks(layout: str, spec: ModelSpec, tp: int) -> dict[int, Block]
         return {0: Block(1, 2 * half, 0, half), 1: Block(1, 2 * half, half, half)}
     raise ValueError(f"layout {layout!r} is not a fused layout")
 
-
-def projection_rows(layout: str, spec: ModelSpec, tp: int, device: torch.device | str = "cpu") -> dict[int, torch.Tensor]:
-    """Per projection index, this rank's local output rows of the fused layer as an index tensor
-    on ``device``."""
-    return {i: block.rows(device) for i, block in projection_blocks(layout, spec, tp).items()}

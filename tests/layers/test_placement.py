@@ -35,7 +35,7 @@ CASES = [
 
 
 def _rows(slot: Slot) -> torch.Tensor:
-    return torch.arange(WIDTH) if slot.block is None else slot.rows
+    return torch.arange(WIDTH) if slot.block is None else slot.rows_on(torch.device("cpu"))
 
 
 def _reference(out: torch.Tensor, entries: list[Entry]) -> torch.Tensor:
