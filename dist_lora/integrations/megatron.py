@@ -31,6 +31,8 @@ with warnings.catch_warnings():
         get_cuda_rng_tracker,
         model_parallel_cuda_manual_seed,
     )
+    from megatron.core.tensor_parallel.random import _DATA_PARALLEL_RNG_TRACKER_NAME as DATA_PARALLEL_RNG
+    from megatron.core.tensor_parallel.random import _MODEL_PARALLEL_RNG_TRACKER_NAME as MODEL_PARALLEL_RNG
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.attention import SelfAttention
     from megatron.core.transformer.mlp import MLP
@@ -74,6 +76,8 @@ def local_linear(layer, x, weight):
 
 
 __all__ = [
+    "DATA_PARALLEL_RNG",
+    "MODEL_PARALLEL_RNG",
     "SUPPORTED",
     "TESTED",
     "ColumnParallelLinear",

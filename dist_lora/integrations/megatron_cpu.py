@@ -108,15 +108,23 @@ def _make_tracker_class():
 
         @contextlib.contextmanager
         def fork(self, name=mpu_random._MODEL_PARALLEL_RNG_TRACKER_NAME) -> Iterator[None]:
+            """Draw from the state ``name``. Nested forks work as Megatron's CUDA tracker does them:
+            the enclosing fork's state is stored first (Megatron's transformer block runs inside a
+            model-parallel fork under SP, and LoRA dropout forks again inside it)."""
             if name not in self.states_:
                 raise KeyError(f"rng state {name} is not added")
+            outer_name = getattr(self, "_cpu_current_name", None)
             outer = torch.get_rng_state()
+            if outer_name is not None:
+                self.states_[outer_name] = outer
             torch.set_rng_state(self.states_[name])
+            self._cpu_current_name = name
             try:
                 yield
             finally:
                 self.states_[name] = torch.get_rng_state()
-                torch.set_rng_state(outer)
+                self._cpu_current_name = outer_name
+                torch.set_rng_state(self.states_[outer_name] if outer_name is not None else outer)
 
     return CpuRNGStatesTracker
 

@@ -7,9 +7,9 @@ The adapter reads the input the base layer computes with, after the base's own i
 =========================================  ======================  ===========================
 adapter input on this rank                 mask over the ranks     drawn from
 =========================================  ======================  ===========================
-replicated: column layers (the whole       identical on every rank the default generator (equal
-input; under SP the all-gathered                                   on the TP ranks)
-sequence), the output layer included
+replicated: column layers (the whole       identical on every rank Megatron's data-parallel
+input; under SP the all-gathered                                   RNG tracker state (seeded
+sequence), the output layer included                               ``seed`` on every rank)
 split over features: row layers            independent per rank    Megatron's model-parallel
 (``o_proj`` / ``down_proj``, with or                               RNG tracker state, forked
 without SP)                                                        (seeded ``seed + 2718 +
@@ -19,7 +19,7 @@ without SP)                                                        (seeded ``see
 With one mask for split inputs the global mask repeats with period ``1/p`` (what attention
 dropout avoids the same way: Megatron forks the model-parallel tracker around it). With
 independent masks for a replicated input the ranks would compute with different inputs.
-Plain ``torch.nn`` layers (TP = 1) use the default generator. The forward calls
+At TP = 1 (plain ``torch.nn`` layers included) the default generator draws every mask. The forward calls
 :func:`dropped_inputs` at one place, before the hiddens ``A x`` are formed.
 """
 
@@ -30,7 +30,7 @@ import contextlib
 import torch
 from torch import nn
 
-from dist_lora.integrations.megatron import get_cuda_rng_tracker
+from dist_lora.integrations.megatron import DATA_PARALLEL_RNG, MODEL_PARALLEL_RNG, get_cuda_rng_tracker
 from dist_lora.layers.sharding import BaseShard
 
 REPLICATED = "replicated"  # the same mask on every TP rank
@@ -44,7 +44,13 @@ def dropout_region(shard: BaseShard) -> str:
 
 
 def _stream(shard: BaseShard) -> contextlib.AbstractContextManager:
-    return get_cuda_rng_tracker().fork() if dropout_region(shard) == SPLIT else contextlib.nullcontext()
+    """The tracker state to draw from at TP > 1 (none at TP = 1: the default generator). Megatron
+    runs its transformer block inside a fork of the model-parallel state under SP, so a replicated
+    input cannot use the default generator there: it draws from the data-parallel state, seeded
+    the same on every rank."""
+    if shard.tp == 1:
+        return contextlib.nullcontext()
+    return get_cuda_rng_tracker().fork(MODEL_PARALLEL_RNG if dropout_region(shard) == SPLIT else DATA_PARALLEL_RNG)
 
 
 def dropped_inputs(x: torch.Tensor, all_factors, shard: BaseShard) -> list[torch.Tensor]:
