@@ -55,7 +55,27 @@ def _routers(model: torch.nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, TopKRouter)]
 
 
-class RouterStatistics:
+class _RouterHooks:
+    """A context that calls ``self._record(router, inputs, output)`` after every forward of the
+    routers in ``self.routers`` while it is open."""
+
+    routers: list
+    _hooks: list
+
+    def __enter__(self):
+        self._hooks = [router.register_forward_hook(self._record) for router in self.routers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _record(self, router, inputs, output) -> None:
+        raise NotImplementedError
+
+
+class RouterStatistics(_RouterHooks):
     """Context manager: records every MoE router's counts and probability sums of one forward
     pass of ``model``; :meth:`loss` is then the family's auxiliary loss (see module docstring)."""
 
@@ -70,15 +90,6 @@ class RouterStatistics:
         self.counts.append(_counts(output))
         self.tokens += tokens
 
-    def __enter__(self) -> "RouterStatistics":
-        self._hooks = [router.register_forward_hook(self._record) for router in self.routers]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-
     def loss(self) -> torch.Tensor:
         """``aux`` of the recorded forward pass, equal on every TP rank; collective over TP."""
         if not self.counts:
@@ -89,7 +100,7 @@ class RouterStatistics:
         return self.num_experts * torch.sum((counts / pairs) * (probs / pairs))
 
 
-class MicroBatchRouting:
+class MicroBatchRouting(_RouterHooks):
     """Context manager for a forward-only pipeline pass: records, per micro-batch (``micro``,
     set by the caller before each micro-batch's forward), this stage's counts ``C`` [E],
     probability sums ``P`` [E] and (layer, token) pairs. :meth:`pooled` sums them over TP and PP."""
@@ -104,15 +115,6 @@ class MicroBatchRouting:
         probs, tokens = _probability_sums(router, inputs)
         counts = _counts(output)
         self.stats[self.micro] += torch.cat([counts, probs.detach(), counts.new_tensor([float(tokens)])])
-
-    def __enter__(self) -> "MicroBatchRouting":
-        self._hooks = [router.register_forward_hook(self._record) for router in self.routers]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
 
     def pooled(self, tp_group, pp_group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Collective over TP and PP: (C [M, E], P [M, E], N [M]) of every micro-batch, pooled
