@@ -41,7 +41,7 @@ from dist_lora.checkpoint.offline_reshard import reshard_checkpoint
 from dist_lora.checkpoint.peft_format import export_peft, import_peft
 from dist_lora.checkpoint.peft_to_sharded import peft_to_sharded
 from dist_lora.checkpoint.sharded import MANIFEST, load_adapter, read_manifest, sha256_of
-from dist_lora.parallel.collectives import RankError
+from dist_lora.parallel.agreement import RankError
 from dist_lora.recipes.config import load_config
 from dist_lora.recipes.data import ensure
 from dist_lora.recipes.data.cache import format_options

@@ -32,15 +32,8 @@ from torch import nn
 
 from dist_lora.adalora.layers import adalora_config, dp_group, pp_group, svd_factors
 from dist_lora.config.adalora import AdaLoraConfig
-from dist_lora.parallel.collectives import (
-    RankError,
-    all_gather_object,
-    all_reduce_,
-    check_same_on_all_ranks,
-    digest,
-    on_every_rank,
-    raise_if_any,
-)
+from dist_lora.parallel.agreement import RankError, check_same_on_all_ranks, digest, on_every_rank, raise_if_any
+from dist_lora.parallel.collectives import all_gather_object, all_reduce_
 from dist_lora.parallel.device import collective_device
 
 _ATTR = "dist_lora_adalora_allocators"

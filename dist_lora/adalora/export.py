@@ -28,7 +28,8 @@ from dist_lora.checkpoint.peft_format import CONFIG, WEIGHTS, adapter_files
 from dist_lora.checkpoint.peft_names import PREFIX
 from dist_lora.checkpoint.state_dict import adapter_state_dict
 from dist_lora.config.lora import LoraConfig
-from dist_lora.parallel.collectives import group_rank, on_every_rank
+from dist_lora.parallel.agreement import on_every_rank
+from dist_lora.parallel.collectives import group_rank
 
 FORMATS = ("adalora", "lora")
 

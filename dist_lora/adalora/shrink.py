@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dist_lora.adalora.layers import adalora_config, svd_factors
-from dist_lora.parallel.collectives import raise_if_any
+from dist_lora.parallel.agreement import raise_if_any
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from dist_lora.adalora.allocator import _ROLES, allocator_state, existing_state
 from dist_lora.adalora.layers import adalora_config, svd_factors
 from dist_lora.config.adalora import AdaLoraConfig
 from dist_lora.config.lora import LoraConfig
-from dist_lora.parallel.collectives import raise_if_any
+from dist_lora.parallel.agreement import raise_if_any
 
 NAMESPACE = "adalora"
 _NAMES = ("sensitivity", "uncertainty")

@@ -34,13 +34,8 @@ from dist_lora.adapters.registry import existing, registry
 from dist_lora.adapters.targets import leaf_names
 from dist_lora.adapters.trainable import refresh
 from dist_lora.config.lora import LoraConfig
-from dist_lora.parallel.collectives import (
-    all_gather_object,
-    any_rank,
-    check_same_on_all_ranks,
-    on_every_rank,
-    raise_if_any,
-)
+from dist_lora.parallel.agreement import any_rank, check_same_on_all_ranks, on_every_rank, raise_if_any
+from dist_lora.parallel.collectives import all_gather_object
 
 _VALID_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 

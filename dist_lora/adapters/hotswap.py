@@ -32,7 +32,7 @@ from dist_lora.adapters.registry import adapter_layers, existing, registry, requ
 from dist_lora.config.lora import LoraConfig
 from dist_lora.integrations.deepspeed import is_partitioned
 from dist_lora.layers.factors import LoraFactors
-from dist_lora.parallel.collectives import on_every_rank
+from dist_lora.parallel.agreement import on_every_rank
 
 _ATTR = "dist_lora_hotswap_rank"
 AUTO = "auto"

@@ -23,7 +23,7 @@ from dist_lora.integrations.deepspeed import gathered
 from dist_lora.layers.adapter_layer import AdapterLayer
 from dist_lora.layers.modules_to_save import ModulesToSave
 from dist_lora.models.tied import is_tied, output_layer, untie_output_layer, word_embeddings
-from dist_lora.parallel.collectives import any_rank, on_every_rank, raise_if_any
+from dist_lora.parallel.agreement import any_rank, on_every_rank, raise_if_any
 
 
 def active_adapters(model: nn.Module) -> list[str]:

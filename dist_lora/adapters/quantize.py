@@ -22,7 +22,7 @@ from dist_lora.layers.adapter_layer import AdapterLayer
 from dist_lora.layers.dispatch import describe
 from dist_lora.layers.modules_to_save import ModulesToSave
 from dist_lora.layers.quantized import QuantizedLinear
-from dist_lora.parallel.collectives import on_every_rank
+from dist_lora.parallel.agreement import on_every_rank
 
 OUTPUT_LAYERS = ("output_layer", "lm_head")
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from dist_lora.adapters.model import view
 from dist_lora.adapters.registry import adapter_layers, saved_modules
-from dist_lora.parallel.collectives import all_equal_tensors, raise_if_any
+from dist_lora.parallel.agreement import all_equal_tensors, raise_if_any
 
 
 def check_replicas(model: nn.Module) -> None:

@@ -28,7 +28,8 @@ from dist_lora.checkpoint.peft_names import PREFIX, join_fused, peft_key
 from dist_lora.config.lora import LoraConfig
 from dist_lora.layers.adapter_layer import AdapterLayer
 from dist_lora.layers.factors import LoraFactors
-from dist_lora.parallel.collectives import all_gather_object, on_every_rank
+from dist_lora.parallel.agreement import on_every_rank
+from dist_lora.parallel.collectives import all_gather_object
 
 
 def _global_shapes(layer: AdapterLayer, factors: LoraFactors, r: int) -> dict[str, tuple[int, ...]]:

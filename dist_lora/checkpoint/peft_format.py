@@ -44,7 +44,8 @@ from dist_lora.checkpoint.stream_writer import StreamWriter
 from dist_lora.config.init_names import weight_method
 from dist_lora.config.lora import LoraConfig
 from dist_lora.models.spec import spec_from_config
-from dist_lora.parallel.collectives import all_gather_object, group_rank, on_every_rank
+from dist_lora.parallel.agreement import on_every_rank
+from dist_lora.parallel.collectives import all_gather_object, group_rank
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"

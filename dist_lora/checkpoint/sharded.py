@@ -39,12 +39,8 @@ from dist_lora.checkpoint.methods import add_from_config, config_from_dict
 from dist_lora.checkpoint.reshard import overlaps, padded_extent, pieces
 from dist_lora.config.lora import LoraConfig
 from dist_lora.models.spec import spec_from_config
-from dist_lora.parallel.collectives import (
-    all_gather_object,
-    broadcast_object,
-    group_rank,
-    on_every_rank,
-)
+from dist_lora.parallel.agreement import on_every_rank
+from dist_lora.parallel.collectives import all_gather_object, broadcast_object, group_rank
 
 FORMAT = "dist_lora.adapter_checkpoint/1"
 MANIFEST = "manifest.json"

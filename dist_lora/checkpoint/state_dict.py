@@ -26,7 +26,8 @@ from dist_lora.layers.adapter_layer import AdapterLayer
 from dist_lora.layers.expert_linear import ExpertLoraLinear
 from dist_lora.layers.factors import LoraFactors
 from dist_lora.layers.sharding import FactorLayout
-from dist_lora.parallel.collectives import all_gather_object, all_gather_tensors, on_every_rank
+from dist_lora.parallel.agreement import on_every_rank
+from dist_lora.parallel.collectives import all_gather_object, all_gather_tensors
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:

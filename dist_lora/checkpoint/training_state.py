@@ -27,7 +27,8 @@ from dist_lora.checkpoint.methods import config_from_dict, training_state_module
 from dist_lora.checkpoint.sharded import ShardReader, load_adapter, read_manifest, write_sharded
 from dist_lora.integrations.megatron import get_cuda_rng_tracker
 from dist_lora.layers.sharding import FactorLayout
-from dist_lora.parallel.collectives import group_rank, group_size, on_every_rank
+from dist_lora.parallel.agreement import on_every_rank
+from dist_lora.parallel.collectives import group_rank, group_size
 
 
 def _rng_states() -> dict[str, torch.Tensor]:

@@ -45,8 +45,8 @@ from dist_lora.combine.order_stats import quantile, real_part
 from dist_lora.combine.task_arithmetic import Placement, merge
 from dist_lora.layers.adapter_layer import AdapterLayer
 from dist_lora.layers.factors import LoraFactors
+from dist_lora.parallel import agreement, linalg
 from dist_lora.parallel import collectives as C
-from dist_lora.parallel import linalg
 
 
 def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str,
@@ -58,10 +58,10 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     Collective over the job: call on every rank with the same arguments. Wrong input raises on
     every rank and leaves the model as it was. With one adapter the combination is ``linear``
     (as PEFT). ``seed`` (default: the seed given to ``parallel.initialize``) seeds DARE masks."""
-    C.check_same_on_all_ranks((adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
+    agreement.check_same_on_all_ranks((adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
                                majority_sign_method, seed), what="add_weighted_adapter arguments")
     plan = None
-    with C.on_every_rank(f"add_weighted_adapter {adapter_name!r}"):
+    with agreement.on_every_rank(f"add_weighted_adapter {adapter_name!r}"):
         plan = plan_combination(model, list(adapters) if isinstance(adapters, (list, tuple)) else adapters,
                                 weights, adapter_name, combination_type, svd_rank, svd_clamp, density,
                                 majority_sign_method)

@@ -26,7 +26,8 @@ from dist_lora.eva.ranks import layer_order, rank_distribution
 from dist_lora.eva.svd import CommMeter, ShardedIncrementalPCA
 from dist_lora.models.forward import logits
 from dist_lora.models.loading import model_info
-from dist_lora.parallel.collectives import all_gather_object, all_reduce_, on_every_rank
+from dist_lora.parallel.agreement import on_every_rank
+from dist_lora.parallel.collectives import all_gather_object, all_reduce_
 from dist_lora.parallel.device import collective_device
 
 RHO_THRESHOLD = 1000  # as PEFT: very large rho is capped by the largest weight dimension

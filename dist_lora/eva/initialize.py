@@ -21,7 +21,8 @@ from dist_lora.adapters.trainable import refresh
 from dist_lora.eva.collect import eva_slots, get_eva_state_dict
 from dist_lora.layers.dora import norm_now
 from dist_lora.layers.factors import LoraFactors
-from dist_lora.parallel.collectives import all_gather_object, on_every_rank
+from dist_lora.parallel.agreement import on_every_rank
+from dist_lora.parallel.collectives import all_gather_object
 
 MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20  # PEFT condenses longer target lists to suffixes
 

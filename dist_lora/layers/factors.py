@@ -48,12 +48,11 @@ class LoraFactors(nn.Module):
         self.a_layout = shard.a_layout
         a_in = self.a_layout.local(torch.empty(0, shard.in_features, device="meta"), shard.tp, shard.rank).shape[1]
         b_rows = slot.b_layout.local(torch.empty(slot.out_features, 0, device="meta"), shard.tp, shard.rank).shape[0]
-        where = dict(dtype=dtype, device=device)
         self._capacity = r  # kept, not read off lora_A: ZeRO-3 partitions parameters to shape (0,)
-        self.lora_A = nn.Parameter(torch.zeros(r, a_in, **where))
-        self.lora_B = nn.Parameter(torch.zeros(b_rows, r, **where))
-        self.lora_bias = nn.Parameter(torch.zeros(b_rows, **where)) if lora_bias else None
-        self.lora_magnitude_vector = nn.Parameter(torch.ones(b_rows, **where)) if use_dora else None
+        self.lora_A = nn.Parameter(torch.zeros(r, a_in, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(b_rows, r, dtype=dtype, device=device))
+        self.lora_bias = nn.Parameter(torch.zeros(b_rows, dtype=dtype, device=device)) if lora_bias else None
+        self.lora_magnitude_vector = nn.Parameter(torch.ones(b_rows, dtype=dtype, device=device)) if use_dora else None
         self.register_parameter("trained_bias", None)  # see own_bias
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # DoRA: weight norm frozen at merge time, needed to unmerge exactly (as PEFT caches it).

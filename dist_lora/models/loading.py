@@ -13,7 +13,7 @@ from dist_lora.models.layouts import ExpertSlice, read_local
 from dist_lora.models.mapping import bind, check_coverage
 from dist_lora.models.spec import ModelSpec, read_spec
 from dist_lora.parallel import ParallelGroups, current_groups
-from dist_lora.parallel.collectives import on_every_rank
+from dist_lora.parallel.agreement import on_every_rank
 from dist_lora.parallel.device import check_dtype
 
 

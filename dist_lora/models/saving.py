@@ -23,14 +23,8 @@ from dist_lora.models.hf_checkpoint import INDEX, SIDE_FILES, SINGLE
 from dist_lora.models.layouts import unshard
 from dist_lora.models.loading import model_info
 from dist_lora.models.mapping import bind
-from dist_lora.parallel.collectives import (
-    all_gather_object,
-    barrier,
-    broadcast_object,
-    gather_to,
-    on_every_rank,
-    raise_if_any,
-)
+from dist_lora.parallel.agreement import on_every_rank, raise_if_any
+from dist_lora.parallel.collectives import all_gather_object, barrier, broadcast_object, gather_to
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 

@@ -15,7 +15,8 @@ from typing import Callable
 
 from dist_lora import parallel
 from dist_lora.parallel import faults
-from dist_lora.parallel.collectives import RankError, broadcast_object, group_rank
+from dist_lora.parallel.agreement import RankError
+from dist_lora.parallel.collectives import broadcast_object, group_rank
 from dist_lora.parallel.launch_env import LaunchError
 from dist_lora.parallel.slurm_env import cancel_step
 from dist_lora.recipes import paths

@@ -22,19 +22,15 @@ from typing import Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dist_lora.parallel.collectives import process_group_ranks
+
 
 def _group_ranks(args) -> tuple[int, ...]:
-    """Global ranks of the process group among an operator's arguments (passed boxed, as the
-    first ``ScriptObject`` that unboxes to a ``ProcessGroup``)."""
+    """Global ranks of the process group among an operator's arguments (passed boxed)."""
     for arg in args:
-        group = arg
-        if isinstance(arg, torch.ScriptObject):
-            try:
-                group = torch.distributed.ProcessGroup.unbox(arg)
-            except (RuntimeError, TypeError):
-                continue
-        if isinstance(group, torch.distributed.ProcessGroup):
-            return tuple(torch.distributed.get_process_group_ranks(group))
+        ranks = process_group_ranks(arg)
+        if ranks is not None:
+            return ranks
     return ()
 
 

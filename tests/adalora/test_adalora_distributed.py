@@ -40,7 +40,8 @@ from dist_lora.adapters.registry import require_adapter
 from dist_lora.checkpoint.entries import entries
 from dist_lora.checkpoint.sharded import ShardReader, read_manifest
 from dist_lora.models.training import finalize_grads, forward_backward
-from dist_lora.parallel.collectives import RankError, all_gather_object
+from dist_lora.parallel.agreement import RankError
+from dist_lora.parallel.collectives import all_gather_object
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model, save_tiny

@@ -15,7 +15,7 @@ import dist_lora as dl
 from dist_lora import models
 from dist_lora.adapters import lora as lora_module
 from dist_lora.adapters.registry import existing
-from dist_lora.parallel.collectives import RankError
+from dist_lora.parallel.agreement import RankError
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.tiny import TINY_CONFIGS, save_tiny
 

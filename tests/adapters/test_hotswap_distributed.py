@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 import dist_lora as dl
 from dist_lora import AdaLoraConfig, models
 from dist_lora.adapters.registry import require_adapter
-from dist_lora.parallel.collectives import RankError, barrier
+from dist_lora.parallel.agreement import RankError
+from dist_lora.parallel.collectives import barrier
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import peft_model, rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model, save_tiny

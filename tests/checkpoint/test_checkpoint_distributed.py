@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 import dist_lora as dl
 from dist_lora import models
 from dist_lora.checkpoint.sharded import read_manifest
-from dist_lora.parallel.collectives import RankError, all_gather_object, barrier
+from dist_lora.parallel.agreement import RankError
+from dist_lora.parallel.collectives import all_gather_object, barrier
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import peft_model, rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model, save_tiny

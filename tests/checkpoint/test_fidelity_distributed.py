@@ -30,7 +30,8 @@ from dist_lora.adapters.model import view
 from dist_lora.adapters.registry import adapter_layers, saved_modules
 from dist_lora.models.hf_checkpoint import HFCheckpoint
 from dist_lora.models.training import finalize_grads, forward_backward
-from dist_lora.parallel.collectives import RankError, all_gather_object
+from dist_lora.parallel.agreement import RankError
+from dist_lora.parallel.collectives import all_gather_object
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import peft_model, rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model, save_tiny

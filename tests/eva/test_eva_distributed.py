@@ -21,7 +21,8 @@ import torch
 import dist_lora as dl
 from dist_lora import models
 from dist_lora.layers.adapter_layer import AdapterLayer
-from dist_lora.parallel.collectives import RankError, all_gather_object
+from dist_lora.parallel.agreement import RankError
+from dist_lora.parallel.collectives import all_gather_object
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model, save_tiny
 

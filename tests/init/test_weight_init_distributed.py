@@ -32,7 +32,8 @@ from dist_lora import (
     unload,
 )
 from dist_lora.config import LoftQConfig
-from dist_lora.parallel.collectives import RankError, group_rank
+from dist_lora.parallel.agreement import RankError
+from dist_lora.parallel.collectives import group_rank
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_init_reference import peft_init, residual_base
 from dist_lora.testing.peft_reference import rel_error

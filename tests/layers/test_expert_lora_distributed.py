@@ -26,7 +26,8 @@ from dist_lora.checkpoint.merge_release import merge_release
 from dist_lora.checkpoint.offline_reshard import reshard_checkpoint
 from dist_lora.checkpoint.peft_to_sharded import peft_to_sharded
 from dist_lora.models.training import clip_grad_norm, finalize_grads, forward_backward, use_megatron_ddp
-from dist_lora.parallel.collectives import RankError, all_gather_object, barrier, on_every_rank
+from dist_lora.parallel.agreement import RankError, on_every_rank
+from dist_lora.parallel.collectives import all_gather_object, barrier
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import peft_model, reference_run, rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, experts_reached, hf_model, save_tiny

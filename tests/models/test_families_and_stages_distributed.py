@@ -28,7 +28,8 @@ from dist_lora.checkpoint.offline_reshard import reshard_checkpoint
 from dist_lora.checkpoint.peft_to_sharded import peft_to_sharded
 from dist_lora.checkpoint.sharded import read_manifest
 from dist_lora.models.training import finalize_grads, forward_backward
-from dist_lora.parallel.collectives import RankError, all_gather_object, on_every_rank
+from dist_lora.parallel.agreement import RankError, on_every_rank
+from dist_lora.parallel.collectives import all_gather_object
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.peft_reference import reference_run, rel_error
 from dist_lora.testing.tiny import TINY_CONFIGS, hf_model, save_tiny

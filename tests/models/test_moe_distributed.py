@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from dist_lora import models
-from dist_lora.parallel.collectives import RankError, all_gather_object, barrier
+from dist_lora.parallel.agreement import RankError
+from dist_lora.parallel.collectives import all_gather_object, barrier
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.tiny import TINY_CONFIGS, experts_reached, hf_model, save_tiny
 

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
+from dist_lora.parallel import agreement as A
 from dist_lora.parallel import collectives as C
 from dist_lora.testing import check, distributed_tests
 
@@ -74,22 +75,22 @@ def object_and_tensor_helpers(ctx):
         assert torch.equal(torch.stack(parts), torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
     assert C.broadcast_(torch.tensor([float(r + 5)]), 1, group).item() == 6.0
     same, differs = torch.ones(3), torch.full((3,), float(r))
-    assert C.all_equal_tensors([same, differs], group) == [True, False]
+    assert A.all_equal_tensors([same, differs], group) == [True, False]
 
 
 @check("tp2", "tp4")
 def raise_if_any_raises_on_every_rank(ctx):
-    C.raise_if_any(None, what="nothing")  # no error anywhere: returns on every rank
+    A.raise_if_any(None, what="nothing")  # no error anywhere: returns on every rank
     error = ValueError("bad shard") if ctx.groups.rank == 1 else None
-    with pytest.raises(C.RankError, match=r"reading failed on 1 rank\(s\):\n  rank 1: ValueError: bad shard"):
-        C.raise_if_any(error, what="reading")
+    with pytest.raises(A.RankError, match=r"reading failed on 1 rank\(s\):\n  rank 1: ValueError: bad shard"):
+        A.raise_if_any(error, what="reading")
 
 
 @check("tp2")
 def check_same_on_all_ranks_detects_divergence(ctx):
-    C.check_same_on_all_ranks({"r": 8}, what="config")
-    with pytest.raises(C.RankError, match=r"config differs between ranks: ranks \[1, 3\]"):
-        C.check_same_on_all_ranks({"r": 8 + ctx.groups.rank % 2}, what="config")
+    A.check_same_on_all_ranks({"r": 8}, what="config")
+    with pytest.raises(A.RankError, match=r"config differs between ranks: ranks \[1, 3\]"):
+        A.check_same_on_all_ranks({"r": 8 + ctx.groups.rank % 2}, what="config")
 
 
 @check("tp2", "tp2-pp2")

@@ -30,7 +30,7 @@ HOST_ON_PURPOSE = {
     "dist_lora/init/seeded.py": "initial factors from a CPU generator, then copied to the factors",
     "dist_lora/integrations/deepspeed.py": "DS_ACCELERATOR=cpu without CUDA",
     "dist_lora/integrations/megatron_cpu.py": "the CPU-only Megatron shim (a no-op with CUDA)",
-    "dist_lora/parallel/collectives.py": "tensors are hashed from host copies (all_equal_tensors)",
+    "dist_lora/parallel/agreement.py": "tensors are hashed from host copies (all_equal_tensors)",
     "dist_lora/parallel/device.py": "the CPU is the local device without CUDA",
     "dist_lora/parallel/linalg.py": "the randomised SVD's sketch from a CPU generator, then moved",
     "dist_lora/recipes/data/samples.py": "the training data stays in host memory; batches move to the model",

@@ -20,7 +20,7 @@ import torch
 import dist_lora as dl
 from dist_lora import models
 from dist_lora.models.training import clip_grad_norm, finalize_grads, forward_backward
-from dist_lora.parallel import collectives
+from dist_lora.parallel import agreement
 from dist_lora.testing import check, distributed_tests
 from dist_lora.testing.device_seam import PACKAGE, ExplicitDeviceMode
 from dist_lora.testing.tiny import TINY_CONFIGS, save_tiny
@@ -115,8 +115,8 @@ def _plant(module, name: str, source: str, file: str):
 def the_check_catches_the_original_violations(ctx):
     from dist_lora.layers import slots
 
-    saved = collectives.any_rank, slots.Block.rows
-    collectives.any_rank = _plant(collectives, "any_rank", OLD_ANY_RANK, "parallel/collectives.py")
+    saved = agreement.any_rank, slots.Block.rows
+    agreement.any_rank = _plant(agreement, "any_rank", OLD_ANY_RANK, "parallel/agreement.py")
     slots.Block.rows = _plant(slots, "rows", OLD_BLOCK_ROWS, "layers/slots.py")
     try:
         with ExplicitDeviceMode() as mode:
@@ -124,9 +124,9 @@ def the_check_catches_the_original_violations(ctx):
             dl.apply_lora(model, dl.LoraConfig(r=2, target_modules=["q_proj", "up_proj"]))
             dl.merge_adapter(model)  # slot rows of the fused layers
     finally:
-        collectives.any_rank, slots.Block.rows = saved
+        agreement.any_rank, slots.Block.rows = saved
     flagged = {v.split(" ")[0].rsplit(":", 1)[0] for v in mode.violations}
-    assert flagged == {"dist_lora/parallel/collectives.py", "dist_lora/layers/slots.py"}, mode.violations
+    assert flagged == {"dist_lora/parallel/agreement.py", "dist_lora/layers/slots.py"}, mode.violations
 
 
 test_device_seam_distributed = distributed_tests(__name__, world_size=2, prepare=prepare)
@@ -143,7 +143,7 @@ def a_dtype_the_base_cannot_take_fails_on_every_rank_before_reading(ctx):
     hf_checkpoint.HFCheckpoint.__init__ = lambda self, *a, **k: (opened.append(1), real(self, *a, **k))[1]
     try:
         for dtype in (torch.float64, torch.int8):
-            with pytest.raises(collectives.RankError, match=rf"(?s)failed on 2 rank.*dtype={dtype} is not supported"):
+            with pytest.raises(agreement.RankError, match=rf"(?s)failed on 2 rank.*dtype={dtype} is not supported"):
                 models.from_pretrained(ctx.data["llama"], dtype=dtype)
     finally:
         hf_checkpoint.HFCheckpoint.__init__ = real

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from dist_lora.parallel.collectives import RankError
+from dist_lora.parallel.agreement import RankError
 from dist_lora.recipes.config import load_config
 from dist_lora.recipes.data import Packed, Padded, ensure, recipe_data
 from dist_lora.testing.tiny import CHATML_TEMPLATE

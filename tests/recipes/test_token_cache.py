@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dist_lora.cli import main
-from dist_lora.parallel.collectives import RankError
+from dist_lora.parallel.agreement import RankError
 from dist_lora.recipes.data import ensure
 from dist_lora.recipes.data.cache import DIRNAME
 from tests.recipes.sft_fixtures import chat_records, make_base, write_jsonl, write_recipe

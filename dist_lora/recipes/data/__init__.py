@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_lora.parallel.collectives import RankError
+from dist_lora.parallel.agreement import RankError
 from dist_lora.recipes.data.cache import TokenFile, ensure, format_options
 from dist_lora.recipes.data.formats import FORMATS, documents
 from dist_lora.recipes.data.samples import Batch, Batches, Packed, Padded, Windows, validation_batches

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from dist_lora.checkpoint.atomic import fsync_tree, temporary_sibling
-from dist_lora.parallel.collectives import RankError, broadcast_object, group_rank
+from dist_lora.parallel.agreement import RankError
+from dist_lora.parallel.collectives import broadcast_object, group_rank
 from dist_lora.recipes.data.formats import documents
 from dist_lora.recipes.data.tokenizer import fingerprint, load_tokenizer
 
